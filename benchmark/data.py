@@ -1,0 +1,249 @@
+"""The shared DataModule and the dataset registry.
+
+Every split is held as one tensor in memory (on the training device where possible), so a batch is one
+indexing operation. Dynamic binarisation (Burda et al. 2016, Section 5) resamples a training image every
+time it is drawn; validation and test images are binarised once, with a fixed seed.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Literal, Optional
+
+import lightning as L
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from benchmark.errors import UsageError
+
+Arrays = tuple[Tensor, Tensor, Tensor, Tensor]  # train images, train labels, test images, test labels
+
+MNIST_PKL_SHA256 = "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416"
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    shape: tuple[int, int, int]  # (C, H, W)
+    load: Callable[[Path, Optional[Path]], Arrays]
+    val_size: int
+
+
+DATASETS: dict[str, DatasetSpec] = {}
+
+
+def register_dataset(name: str, shape: tuple[int, int, int], val_size: int):
+    def wrap(load):
+        if name in DATASETS:
+            raise KeyError(f"dataset {name!r} is already registered")
+        DATASETS[name] = DatasetSpec(shape, load, val_size)
+        return load
+    return wrap
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _as_images(x, shape) -> Tensor:
+    """Any array of N images -> float32 (N, C, H, W) in [0, 1] (uint8 sources are scaled by 1/255)."""
+    x = torch.as_tensor(x)
+    x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
+    return x.reshape(-1, *shape)
+
+
+@register_dataset("digits", shape=(1, 8, 8), val_size=200)
+def load_digits(root: Path, path: Optional[Path]) -> Arrays:
+    """scikit-learn's bundled 8x8 digits (1,797 images, values 0..16): embedded, needs no download.
+    The last 300 images of a seeded permutation form the test split."""
+    from sklearn.datasets import load_digits as sk_load
+
+    d = sk_load()
+    x = _as_images(d.images / 16.0, (1, 8, 8))
+    y = torch.as_tensor(d.target)
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(1234))
+    train, test = perm[:-300], perm[-300:]
+    return x[train], y[train], x[test], y[test]
+
+
+@register_dataset("mnist", shape=(1, 28, 28), val_size=10_000)
+def load_mnist(root: Path, path: Optional[Path]) -> Arrays:
+    """MNIST from, in order: a local `mnist.pkl.gz` (the classic pickle: its train and valid parts are the
+    standard 60k training set), a local folder of torchvision's raw files, else torchvision's download."""
+    if path is not None and path.is_file():
+        if sha256(path) != MNIST_PKL_SHA256:
+            raise UsageError(f"{path} is not the expected mnist.pkl.gz (sha256 mismatch); "
+                             "re-download it or point data.path at a good copy")
+        try:
+            with gzip.open(path) as f:
+                (xtr, ytr), (xva, yva), (xte, yte) = pickle.load(f, encoding="latin1")
+        except (OSError, EOFError, pickle.UnpicklingError, ValueError) as e:
+            raise UsageError(f"cannot read {path} as mnist.pkl.gz ({e}); re-download it") from e
+        shape = (1, 28, 28)
+        x = torch.cat([_as_images(xtr, shape), _as_images(xva, shape)])
+        y = torch.cat([torch.as_tensor(ytr), torch.as_tensor(yva)]).long()
+        return x, y, _as_images(xte, shape), torch.as_tensor(yte).long()
+    return _torchvision("MNIST", path or root, (1, 28, 28))
+
+
+@register_dataset("fashion_mnist", shape=(1, 28, 28), val_size=10_000)
+def load_fashion_mnist(root: Path, path: Optional[Path]) -> Arrays:
+    return _torchvision("FashionMNIST", path or root, (1, 28, 28))
+
+
+@register_dataset("cifar10", shape=(3, 32, 32), val_size=5_000)
+def load_cifar10(root: Path, path: Optional[Path]) -> Arrays:
+    return _torchvision("CIFAR10", path or root, (3, 32, 32))
+
+
+@register_dataset("celeba64", shape=(3, 64, 64), val_size=10_000)
+def load_celeba64(root: Path, path: Optional[Path]) -> Arrays:
+    """CelebA aligned faces, centre-cropped to 140 and resized to 64 (the usual 64x64 protocol);
+    its official train+valid splits form the training set here, test is the official test split."""
+    from torchvision import datasets, transforms
+
+    tf = transforms.Compose([transforms.CenterCrop(140), transforms.Resize(64), transforms.PILToTensor()])
+
+    def split(name):
+        ds = datasets.CelebA(str(path or root), split=name, transform=tf, download=True)
+        x = torch.stack([ds[i][0] for i in range(len(ds))])  # uint8 (N, 3, 64, 64)
+        return _as_images(x, (3, 64, 64)), torch.zeros(len(ds), dtype=torch.long)
+
+    (xtr, ytr), (xte, yte) = split("train"), split("test")
+    return xtr, ytr, xte, yte
+
+
+def _torchvision(name: str, root: Path, shape) -> Arrays:
+    """A torchvision dataset read whole into tensors; downloaded to `root` if its files are absent."""
+    from torchvision import datasets
+
+    cls = getattr(datasets, name)
+    out = []
+    for train in (True, False):
+        try:
+            ds = cls(str(root), train=train, download=True)
+        except RuntimeError as e:  # torchvision's checksum or format check failed
+            raise UsageError(f"cannot load {name} from {root}: {e}; delete the folder to re-download") from e
+        x = ds.data if isinstance(ds.data, Tensor) else torch.as_tensor(ds.data)
+        if x.ndim == 4 and x.shape[-1] == 3:  # CIFAR stores (N, H, W, C)
+            x = x.permute(0, 3, 1, 2)
+        out += [_as_images(x.contiguous(), shape), torch.as_tensor(ds.targets).long()]
+    return tuple(out)
+
+
+class TensorImages(Dataset):
+    """Images and labels held as tensors; ``__getitems__`` serves a whole batch with one indexing op."""
+
+    def __init__(self, x: Tensor, y: Tensor, dynamic_binarization: bool = False):
+        self.x, self.y, self.dynamic = x, y, dynamic_binarization
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitems__(self, idx: list[int]) -> tuple[Tensor, Tensor]:
+        idx = torch.as_tensor(idx, device=self.x.device)
+        x = self.x[idx]
+        return (torch.bernoulli(x) if self.dynamic else x), self.y[idx]
+
+    def __getitem__(self, i: int):
+        x, y = self.__getitems__([i])
+        return x[0], y[0]
+
+
+def _batch(batch):
+    return batch  # ``__getitems__`` already returned the batch
+
+
+Binarize = Literal["none", "dynamic", "static"]
+
+
+class LatentDataModule(L.LightningDataModule):
+    """One DataModule for every variant.
+
+    Args:
+        dataset: registry key (``digits``, ``mnist``, ``fashion_mnist``, ``cifar10``, ``celeba64``).
+        root: where torchvision datasets are downloaded to or read from.
+        path: a local file or folder with the data (e.g. ``mnist.pkl.gz``), checked against its checksum.
+        binarize: ``none`` (continuous pixels), ``dynamic`` (training images resampled at every draw;
+            val/test binarised once) or ``static`` (every split binarised once).
+        batch_size: training batch size; evaluation uses ``eval_batch_size``.
+        seed: seeds the train/val split and the fixed binarisations.
+        on_device: hold the tensors on the training device (GPU), so batches never cross the bus.
+    """
+
+    def __init__(self, dataset: str = "digits", root: str = "data", path: Optional[str] = None,
+                 binarize: Binarize = "none", batch_size: int = 128, eval_batch_size: int = 1000,
+                 seed: int = 0, on_device: bool = True):
+        super().__init__()
+        if dataset not in DATASETS:
+            raise UsageError(f"unknown dataset {dataset!r}; choose one of {sorted(DATASETS)}")
+        if binarize not in ("none", "dynamic", "static"):
+            raise UsageError(f"unknown binarize {binarize!r}; choose none, dynamic or static")
+        if batch_size < 1 or eval_batch_size < 1:
+            raise UsageError("batch sizes must be positive integers")
+        if path is not None and not Path(path).exists():
+            raise UsageError(f"data file {path} does not exist; fix data.path or drop it to download")
+        self.save_hyperparameters()
+        self.spec = DATASETS[dataset]
+        self.splits: dict[str, TensorImages] = {}
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.spec.shape
+
+    @property
+    def binary(self) -> bool:
+        return self.hparams.binarize != "none"
+
+    def prepare_data(self):
+        if self.hparams.dataset != "digits":
+            self._load()  # downloads once, on one process
+
+    def _load(self) -> Arrays:
+        path = Path(self.hparams.path) if self.hparams.path else None
+        return self.spec.load(Path(self.hparams.root), path)
+
+    def setup(self, stage: Optional[str] = None):
+        if self.splits:
+            return
+        xtr, ytr, xte, yte = self._load()
+        g = torch.Generator().manual_seed(self.hparams.seed)
+        perm = torch.randperm(len(xtr), generator=g)
+        val, train = perm[: self.spec.val_size], perm[self.spec.val_size:]
+        x = {"train": xtr[train], "val": xtr[val], "test": xte}
+        y = {"train": ytr[train], "val": ytr[val], "test": yte}
+        mode = self.hparams.binarize
+        for name in x:
+            if mode == "static" or (mode == "dynamic" and name != "train"):
+                x[name] = torch.bernoulli(x[name], generator=g)
+        device = self._device()
+        for name in x:
+            dynamic = mode == "dynamic" and name == "train"
+            self.splits[name] = TensorImages(x[name].to(device), y[name].to(device), dynamic)
+
+    def _device(self) -> torch.device:
+        if self.hparams.on_device and self.trainer is not None:
+            return self.trainer.strategy.root_device
+        return torch.device("cpu")
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        bs = self.hparams.batch_size if split == "train" else self.hparams.eval_batch_size
+        return DataLoader(self.splits[split], batch_size=bs, shuffle=shuffle, collate_fn=_batch,
+                          drop_last=split == "train" and len(self.splits[split]) > bs)
+
+    def train_dataloader(self):
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self):
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self):
+        return self._loader("test", shuffle=False)

@@ -1,0 +1,148 @@
+"""Posteriors q(z|x): heads that turn the encoder's output h into a ``torch.distributions`` object.
+
+Every variant's encoder flows through the same path, ``qz_x = head(h)``, ``z = qz_x.rsample()``; a
+deterministic encoder is a ``Delta`` posterior, a mean-only encoder a ``Normal`` of fixed scale. KL to the
+prior goes through ``kl_divergence``, so a new posterior only needs its KL registered (or falls back to
+Monte Carlo in ``kl``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.distributions import (Distribution, Independent, MultivariateNormal, Normal, constraints,
+                                 kl_divergence, register_kl)
+from torch.distributions.kl import _kl_multivariatenormal_multivariatenormal
+
+
+class Delta(Distribution):
+    """Point mass at ``loc`` (B, D): the posterior of a deterministic encoder. Its KL to any density is +inf,
+    which is why such models need an ex-post posterior for their ELBO (see ``benchmark.evaluation``)."""
+
+    arg_constraints = {"loc": constraints.real_vector}
+    support = constraints.real_vector
+    has_rsample = True
+
+    def __init__(self, loc: Tensor):
+        self.loc = loc
+        super().__init__(loc.shape[:-1], loc.shape[-1:], validate_args=False)
+
+    @property
+    def mean(self):
+        return self.loc
+
+    def rsample(self, sample_shape=torch.Size()):
+        return self.loc.expand(torch.Size(sample_shape) + self.loc.shape)
+
+    def log_prob(self, value):
+        return torch.where((value == self.loc).all(-1), 0.0, -math.inf)
+
+
+@register_kl(Delta, Distribution)
+def _kl_delta_any(q, p):
+    return torch.full(q.batch_shape, math.inf, device=q.loc.device)
+
+
+@register_kl(MultivariateNormal, Independent)
+def _kl_mvn_diagonal(q, p):
+    """KL(full covariance || diagonal Normal) in closed form, by seeing p as a MultivariateNormal."""
+    if not isinstance(p.base_dist, Normal) or p.reinterpreted_batch_ndims != 1:
+        raise NotImplementedError
+    p_mvn = MultivariateNormal(p.base_dist.loc, scale_tril=torch.diag_embed(p.base_dist.scale))
+    return _kl_multivariatenormal_multivariatenormal(q, p_mvn)
+
+
+def kl(q: Distribution, p: Distribution, z: Tensor | None = None) -> Tensor:
+    """KL(q || p) per item: closed form where registered, else the one-sample Monte Carlo estimate at z."""
+    try:
+        return kl_divergence(q, p)
+    except NotImplementedError:
+        z = q.rsample() if z is None else z
+        return q.log_prob(z) - p.log_prob(z)
+
+
+def standard_normal(latent_dim: int, like: Tensor, batch_shape=()) -> Distribution:
+    """The prior p(z) = N(0, I), on ``like``'s device and dtype."""
+    zeros = like.new_zeros(*batch_shape, latent_dim)
+    return Independent(Normal(zeros, torch.ones_like(zeros)), 1)
+
+
+class Posterior(nn.Module):
+    """A head mapping encoder features h (B, n_params(D)) to q(z|x) with event shape (D,)."""
+
+    def n_params(self, latent_dim: int) -> int:
+        raise NotImplementedError
+
+    def forward(self, h: Tensor) -> Distribution:
+        raise NotImplementedError
+
+
+class Deterministic(Posterior):
+    """z = f(x): the autoencoder family."""
+
+    def n_params(self, latent_dim):
+        return latent_dim
+
+    def forward(self, h):
+        return Delta(h)
+
+
+class FixedScale(Posterior):
+    """z = mu(x) + sigma0 * eps with a fixed sigma0 (sigma0 = 1: mean-only VAE; 0.7: the CV-VAE of
+    Ghosh et al. 2020, Section 2)."""
+
+    def __init__(self, sigma0: float = 1.0):
+        super().__init__()
+        self.sigma0 = sigma0
+
+    def n_params(self, latent_dim):
+        return latent_dim
+
+    def forward(self, h):
+        return Independent(Normal(h, torch.full_like(h, self.sigma0)), 1)
+
+
+class Diagonal(Posterior):
+    """z = mu(x) + sigma(x) * eps, sigma = softplus(.) + 1e-4 (Kingma & Welling 2014, Eq. 10)."""
+
+    def n_params(self, latent_dim):
+        return 2 * latent_dim
+
+    def forward(self, h):
+        mu, s = h.chunk(2, dim=-1)
+        return Independent(Normal(mu, F.softplus(s) + 1e-4), 1)
+
+
+class FullCovariance(Posterior):
+    """z = mu(x) + L(x) eps with L lower-triangular, positive diagonal (softplus + 1e-4): the full-covariance
+    Gaussian posterior (Kingma et al. 2016, Section 3, "full covariance Gaussian")."""
+
+    def n_params(self, latent_dim):
+        return latent_dim + latent_dim * (latent_dim + 1) // 2
+
+    def forward(self, h):
+        d = int((math.isqrt(8 * h.shape[-1] + 9) - 3) // 2)  # solves d + d(d+1)/2 = n
+        mu, entries = h[..., :d], h[..., d:]
+        rows, cols = torch.tril_indices(d, d, device=h.device)
+        tril = h.new_zeros(*h.shape[:-1], d, d)
+        tril[..., rows, cols] = entries
+        diag = F.softplus(tril.diagonal(dim1=-2, dim2=-1)) + 1e-4
+        tril = tril.tril(-1) + torch.diag_embed(diag)
+        return MultivariateNormal(mu, scale_tril=tril)
+
+
+class NoInformation(Posterior):
+    """z = eps, independent of x: q(z|x) = p(z). The floor: the decoder can only learn the mean image."""
+
+    def __init__(self, latent_dim: int):
+        super().__init__()
+        self.latent_dim = latent_dim
+
+    def n_params(self, latent_dim):
+        return 0
+
+    def forward(self, h):
+        return standard_normal(self.latent_dim, h, h.shape[:-1])

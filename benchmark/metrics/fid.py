@@ -1,0 +1,391 @@
+"""Frechet distance of generated images to a dataset's test split (FID and a fast domain variant).
+
+FID (Heusel et al. 2017, "GANs Trained by a Two Time-Scale Update Rule Converge to a Local Nash Equilibrium",
+NeurIPS, arXiv:1706.08500) fits a Gaussian to the features of real and of generated images and reports
+
+    d^2 = ||mu_r - mu_g||^2 + Tr(S_r + S_g - 2 (S_r S_g)^{1/2}),
+
+with the 2048-d pool3 features of the TensorFlow Inception-v3 graph of 2015-12-05. The maths is torchmetrics'
+`FrechetInceptionDistance`, fed by one of these extractors (images in [0, 1], shape (N, C, H, W), C = 1 or 3):
+
+- ``inception``: the standard protocol, as torch-fidelity runs it: 8-bit RGB (grayscale replicated), the
+  TensorFlow-1 bilinear resize to 299x299 on 0..255 values, then (x - 128) / 128. Two backends with that same
+  preprocessing: torch-fidelity's own network (downloads its weights unless given a ``.pth`` file), or the
+  TorchScript port in ``../shared/models`` (a ``.pt`` file), for machines without internet.
+- ``domain``: a small classifier trained once on the dataset's training split (128-d penultimate features),
+  cached on disk. Fast on a CPU; its values are comparable only with other values of the same cached network.
+
+The metric keeps sums (sum f, sum f f^T, n), never a list of features, so fakes split across DDP ranks give the
+single-process value; reference statistics of a test split are computed once and cached on disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torchmetrics.image.fid import FrechetInceptionDistance
+
+INCEPTION_SIZE = 299
+INCEPTION_TORCHSCRIPT_FILE = "inception-v3-2015-12-05.torchscript.pt"
+CACHE_ENV = "LATENT_BENCH_CACHE"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Cache locations and checksums
+# ----------------------------------------------------------------------------------------------------------------
+
+def fid_cache_dir(cache_dir: str | Path | None = None) -> Path:
+    """`cache_dir`, else $LATENT_BENCH_CACHE, else ~/.cache/latent-bench; FID files live in its `fid/`."""
+    root = cache_dir or os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "latent-bench"
+    return Path(root).expanduser() / "fid"
+
+
+def tensors_checksum(*tensors: Tensor) -> str:
+    """sha256 of the shapes, dtypes and bytes of `tensors`: the identity of a data split in cache keys."""
+    digest = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        digest.update(f"{tuple(t.shape)}|{t.dtype}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _atomic_save(obj: object, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    torch.save(obj, tmp)
+    os.replace(tmp, path)  # concurrent writers (ranks, studies) never leave a half-written file
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Feature extractors and their registry
+# ----------------------------------------------------------------------------------------------------------------
+
+class FeatureExtractor(nn.Module):
+    """Frozen map from images (N, C, H, W) in [0, 1] to features (N, num_features); never leaves eval mode.
+
+    `tag` names the network and its weights; reference statistics are cached under it.
+    """
+
+    num_features: int
+    tag: str
+
+    def train(self, mode: bool = True) -> FeatureExtractor:
+        return super().train(False)  # a LightningModule's .train() must not unfreeze batch norm statistics
+
+
+def _check_unit_range(x: Tensor) -> None:
+    if not x.is_floating_point() or x.dim() != 4:
+        raise ValueError(f"expected float images (N, C, H, W) in [0, 1], got {x.dtype} {tuple(x.shape)}")
+    if x.numel() and (x.min() < 0 or x.max() > 1):
+        raise ValueError(f"images must lie in [0, 1], got [{x.min().item():.3g}, {x.max().item():.3g}]")
+
+
+def to_uint8_rgb(x: Tensor) -> Tensor:
+    """(N, 1 or 3, H, W) floats in [0, 1] -> (N, 3, H, W) uint8: the 8-bit RGB images FID is defined on."""
+    _check_unit_range(x)
+    if x.shape[1] not in (1, 3):
+        raise ValueError(f"expected 1 or 3 channels, got {x.shape[1]}")
+    x = (x * 255).round().to(torch.uint8)  # round, as image writers do (torchmetrics' built-in truncates)
+    return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+
+
+class TorchFidelityInceptionV3(FeatureExtractor):
+    """torch-fidelity's Inception-v3 ('inception-v3-compat', feature '2048'); it resizes internally."""
+
+    num_features = 2048
+    tag = "inception-torch-fidelity"
+
+    def __init__(self, weights_path: str | Path | None = None):
+        super().__init__()
+        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+        try:
+            self.net = FeatureExtractorInceptionV3(
+                "inception-v3-compat", ["2048"],
+                feature_extractor_weights_path=None if weights_path is None else str(weights_path))
+        except OSError as error:  # urllib's URLError is an OSError
+            raise RuntimeError(
+                "torch-fidelity could not load its Inception weights (offline?). Pass weights_path= a local "
+                f"'weights-inception-2015-12-05-6726825d.pth' or the TorchScript port '{INCEPTION_TORCHSCRIPT_FILE}'"
+            ) from error
+        self.eval()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(to_uint8_rgb(x))[0]  # (N, 2048)
+
+
+def _load_torchscript(path: Path) -> torch.jit.ScriptModule:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.jit.load.*deprecated", category=FutureWarning)
+        net = torch.jit.load(str(path), map_location="cpu")
+    return net.eval().requires_grad_(False)
+
+
+class TorchScriptInceptionV3(FeatureExtractor):
+    """The Inception-v3 2015-12-05 graph as TorchScript, fed exactly as torch-fidelity feeds its own port.
+
+    The file takes (N, 3, 299, 299) already scaled to [-1, 0.9921875]; the uint8 conversion, the TensorFlow-1
+    bilinear resize (torch-fidelity's own function) and (x - 128) / 128 are applied here.
+    """
+
+    num_features = 2048
+    tag = "inception-torchscript"
+
+    def __init__(self, path: str | Path):
+        super().__init__()
+        self.path = Path(path)
+        self.net = _load_torchscript(self.path)
+        self.eval()
+
+    def forward(self, x: Tensor) -> Tensor:
+        from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
+
+        x = to_uint8_rgb(x).float()  # (N, 3, H, W), 0..255
+        x = interpolate_bilinear_2d_like_tensorflow1x(x, size=(INCEPTION_SIZE, INCEPTION_SIZE), align_corners=False)
+        return self.net((x - 128) / 128)  # (N, 2048)
+
+    # A ScriptModule does not pickle (ddp_spawn pickles the LightningModule): ship the path, reload on arrival.
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_modules"] = {k: v for k, v in self._modules.items() if k != "net"}
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self.net = _load_torchscript(self.path)
+
+
+class DomainClassifier(nn.Module):
+    """Two conv layers + fc 1024-128 + a class head; any input size (8x8 digits to 32x32 CIFAR) via pooling."""
+
+    def __init__(self, in_channels: int, num_classes: int, num_features: int = 128):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2, ceil_mode=True),  # (N, 32, H/2, W/2)
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(4),                # (N, 64, 4, 4)
+            nn.Flatten(), nn.Linear(64 * 4 * 4, num_features), nn.ReLU(),                       # (N, 128)
+        )
+        self.head = nn.Linear(num_features, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x))  # (N, num_classes) logits
+
+
+class DomainFeatureExtractor(FeatureExtractor):
+    """The penultimate 128-d layer of a `DomainClassifier` trained on the dataset's training split."""
+
+    def __init__(self, classifier: DomainClassifier, tag: str, meta: dict):
+        super().__init__()
+        self.classifier = classifier.requires_grad_(False)
+        self.num_features = classifier.head.in_features
+        self.tag = tag
+        self.meta = meta
+        self.eval()
+
+    def forward(self, x: Tensor) -> Tensor:
+        _check_unit_range(x)
+        return self.classifier.features(x)  # (N, 128)
+
+
+FEATURE_EXTRACTORS: dict[str, Callable[..., FeatureExtractor]] = {}
+
+
+def register_feature_extractor(name: str) -> Callable:
+    """Register a builder of a `FeatureExtractor` under a user-facing name; a duplicate name is an error."""
+
+    def register(builder: Callable[..., FeatureExtractor]) -> Callable[..., FeatureExtractor]:
+        if name in FEATURE_EXTRACTORS:
+            raise ValueError(f"feature extractor {name!r} is already registered")
+        FEATURE_EXTRACTORS[name] = builder
+        return builder
+
+    return register
+
+
+def build_feature_extractor(name: str, **kwargs) -> FeatureExtractor:
+    """The extractor registered as `name` ('domain', 'inception'), built with the builder's `kwargs`."""
+    if name not in FEATURE_EXTRACTORS:
+        raise KeyError(f"unknown feature extractor {name!r}; registered: {sorted(FEATURE_EXTRACTORS)}")
+    extractor = FEATURE_EXTRACTORS[name](**kwargs)
+    if not isinstance(extractor, FeatureExtractor):
+        raise TypeError(f"builder of {name!r} returned {type(extractor).__name__}, not a FeatureExtractor")
+    return extractor
+
+
+@register_feature_extractor("inception")
+def inception_feature_extractor(weights_path: str | Path | None = None) -> FeatureExtractor:
+    """Inception-v3 pool3 features: a `.pt` TorchScript file, else torch-fidelity (a `.pth` or a download)."""
+    if weights_path is not None and Path(weights_path).suffix == ".pt":
+        return TorchScriptInceptionV3(weights_path)
+    return TorchFidelityInceptionV3(weights_path)
+
+
+def _train_domain_classifier(images: Tensor, labels: Tensor, *, epochs: int, min_steps: int, batch_size: int,
+                             val_fraction: float, seed: int) -> tuple[DomainClassifier, dict]:
+    """Adam on cross-entropy; the last `val_fraction` of a seeded permutation is held out for accuracy."""
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(images), generator=generator)
+    n_val = max(1, int(len(images) * val_fraction))
+    train_idx, val_idx = order[:-n_val], order[-n_val:]
+    num_classes = int(labels.max()) + 1
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        classifier = DomainClassifier(images.shape[1], num_classes)
+    optimizer = torch.optim.Adam(classifier.parameters(), lr=1e-3)
+    steps_per_epoch = math.ceil(len(train_idx) / batch_size)
+    epochs = max(epochs, math.ceil(min_steps / steps_per_epoch))  # tiny datasets (8x8 digits) need more passes
+    start = time.perf_counter()
+    for _ in range(epochs):
+        shuffled = train_idx[torch.randperm(len(train_idx), generator=generator)]
+        for batch in shuffled.split(batch_size):
+            loss = nn.functional.cross_entropy(classifier(images[batch]), labels[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    with torch.no_grad():
+        logits = torch.cat([classifier(images[b]) for b in val_idx.split(1024)])
+        val_accuracy = (logits.argmax(1) == labels[val_idx]).float().mean().item()
+    meta = {"val_accuracy": val_accuracy, "epochs": epochs, "num_train": len(train_idx), "num_val": n_val,
+            "num_classes": num_classes, "train_seconds": round(time.perf_counter() - start, 2)}
+    return classifier.eval(), meta
+
+
+@register_feature_extractor("domain")
+def domain_feature_extractor(dataset: str, train_images: Tensor, train_labels: Tensor, *,
+                             cache_dir: str | Path | None = None, epochs: int = 3, min_steps: int = 1000,
+                             batch_size: int = 128, val_fraction: float = 0.1,
+                             seed: int = 0) -> DomainFeatureExtractor:
+    """A `DomainClassifier` trained once on (train_images, train_labels) and cached by (dataset, checksum).
+
+    The checksum covers the data and the training recipe, so a change of either trains a new network.
+    """
+    recipe = {"arch": "conv32-conv64-fc128/v1", "epochs": epochs, "min_steps": min_steps,
+              "batch_size": batch_size, "val_fraction": val_fraction, "seed": seed}
+    checksum = tensors_checksum(train_images, train_labels)
+    key = hashlib.sha256(f"{checksum}|{json.dumps(recipe, sort_keys=True)}".encode()).hexdigest()[:16]
+    path = fid_cache_dir(cache_dir) / f"domain-{dataset}-{key}.pt"
+    if path.exists():
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        meta = saved["meta"]
+        classifier = DomainClassifier(meta["in_channels"], meta["num_classes"])
+        classifier.load_state_dict(saved["state_dict"])
+    else:
+        classifier, meta = _train_domain_classifier(
+            train_images.float().cpu(), train_labels.long().cpu(), epochs=epochs, min_steps=min_steps,
+            batch_size=batch_size, val_fraction=val_fraction, seed=seed)
+        meta = {"dataset": dataset, "data_checksum": checksum, "in_channels": train_images.shape[1],
+                "image_size": list(train_images.shape[2:]), **recipe, **meta, "torch": torch.__version__}
+        _atomic_save({"state_dict": classifier.state_dict(), "meta": meta}, path)
+        path.with_suffix(".json").write_text(json.dumps(meta, indent=2))
+    return DomainFeatureExtractor(classifier, tag=f"domain-{dataset}-{key}", meta=meta)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reference statistics and the metric
+# ----------------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ReferenceStats:
+    """Sufficient statistics of the real images' features, as torchmetrics' FID states hold them."""
+
+    features_sum: Tensor      # (F,) float64, sum_i f_i
+    features_cov_sum: Tensor  # (F, F) float64, sum_i f_i f_i^T
+    num_samples: int
+
+    def save(self, path: str | Path, **meta) -> None:
+        _atomic_save({"features_sum": self.features_sum, "features_cov_sum": self.features_cov_sum,
+                      "num_samples": self.num_samples, "meta": meta}, Path(path))
+
+    @classmethod
+    def load(cls, path: str | Path) -> ReferenceStats:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        return cls(saved["features_sum"], saved["features_cov_sum"], saved["num_samples"])
+
+
+class FrechetDistanceToReference(FrechetInceptionDistance):
+    """torchmetrics' FID whose real side is fixed reference statistics; `update` takes generated images.
+
+    Under DDP, torchmetrics sums every state over ranks before `compute`. The reference is therefore placed in
+    the real-feature states of rank 0 only (zeros elsewhere), so the sum restores it exactly and fakes split
+    across ranks give the single-process value. Use `update`/`compute` (not `forward`, a per-batch FID).
+    """
+
+    def __init__(self, extractor: FeatureExtractor, reference: ReferenceStats | None = None, **kwargs):
+        super().__init__(feature=extractor, normalize=True, reset_real_features=False, **kwargs)
+        if reference is not None and reference.features_sum.shape != (extractor.num_features,):
+            raise ValueError(f"reference has {reference.features_sum.shape[0]} features, "
+                             f"the extractor {extractor.num_features}")
+        self.reference = reference
+        self._reference_placed = reference is None
+
+    def _place_reference(self) -> None:
+        distributed = dist.is_available() and dist.is_initialized()
+        if not distributed or dist.get_rank(self.process_group) == 0:
+            self.real_features_sum += self.reference.features_sum.to(self.real_features_sum)
+            self.real_features_cov_sum += self.reference.features_cov_sum.to(self.real_features_cov_sum)
+            self.real_features_num_samples += self.reference.num_samples
+        self._reference_placed = True
+
+    def update(self, imgs: Tensor, real: bool = False) -> None:
+        if not self._reference_placed:  # placed lazily: the rank is known only once the process group exists
+            self._place_reference()
+        super().update(imgs, real)
+
+    def reference_stats(self) -> ReferenceStats:
+        """The real-side states of this process (before any DDP sum)."""
+        return ReferenceStats(self.real_features_sum.detach().cpu().clone(),
+                              self.real_features_cov_sum.detach().cpu().clone(),
+                              int(self.real_features_num_samples))
+
+
+@torch.no_grad()
+def images_to_features(images: Tensor, extractor: FeatureExtractor, batch_size: int = 500) -> Tensor:
+    """Features (N, F) of images (N, C, H, W) in [0, 1], a batch at a time."""
+    return torch.cat([extractor(batch) for batch in images.split(batch_size)])
+
+
+@torch.no_grad()
+def images_to_reference_stats(images: Tensor, extractor: FeatureExtractor, batch_size: int = 500) -> ReferenceStats:
+    """Reference statistics of real images, accumulated by torchmetrics' FID a batch at a time."""
+    metric = FrechetDistanceToReference(extractor)
+    for batch in images.split(batch_size):
+        metric.update(batch, real=True)
+    return metric.reference_stats()
+
+
+def reference_statistics(dataset: str, test_images: Tensor, extractor: FeatureExtractor, *,
+                         cache_dir: str | Path | None = None, batch_size: int = 500) -> ReferenceStats:
+    """Reference statistics of a test split, cached on disk by (dataset, extractor tag, data checksum)."""
+    checksum = tensors_checksum(test_images)
+    path = fid_cache_dir(cache_dir) / f"reference-{dataset}-{extractor.tag}-{checksum[:16]}.pt"
+    if path.exists():
+        return ReferenceStats.load(path)
+    stats = images_to_reference_stats(test_images, extractor, batch_size)
+    stats.save(path, dataset=dataset, extractor=extractor.tag, data_checksum=checksum)
+    return stats
+
+
+@torch.no_grad()
+def frechet_distance(fake_images: Tensor, reference: ReferenceStats | Tensor, extractor: FeatureExtractor,
+                     batch_size: int = 500) -> float:
+    """FID of generated images (N, C, H, W) in [0, 1] against reference statistics or real images."""
+    if isinstance(reference, Tensor):
+        reference = images_to_reference_stats(reference, extractor, batch_size)
+    metric = FrechetDistanceToReference(extractor, reference)
+    for batch in fake_images.split(batch_size):
+        metric.update(batch)
+    return float(metric.compute())

@@ -1,0 +1,354 @@
+"""How far is the aggregate posterior q(z) from the prior N(0, I)? A battery on a set of codes z (N, D).
+
+Pure functions hold the maths (torch or numpy in, python floats out, computed in float64 on the CPU);
+``LatentGaussianity`` is the torchmetrics shell that gathers a bounded, order-independent subset of codes.
+
+Two kinds of number are reported:
+- distances to N(0, I) itself (lower is better): gauss_kl, gauss_mmd, gauss_swd, mardia_skew, mardia_kurt,
+  hz_stat, prior_holes, knn_kl, total_correlation;
+- classical composite normality tests (any mean and covariance), reported as p-values, not ranked.
+"""
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from scipy import stats
+from sklearn.mixture import GaussianMixture
+from sklearn.neighbors import NearestNeighbors
+from torch import Tensor
+from torchmetrics import Metric
+from torchmetrics.utilities.data import dim_zero_cat
+
+from benchmark.metrics import keys
+from benchmark.regularizers import gaussian_kl_to_standard
+
+_PAIR_BLOCK = 2**22  # entries of one block of an N x N pairwise matrix (32 MiB in float64)
+
+
+def _as_float64(z) -> Tensor:
+    z = torch.as_tensor(z).detach().to("cpu", torch.float64)
+    if z.ndim != 2 or z.shape[0] < 2:
+        raise ValueError(f"expected codes of shape (N >= 2, D), got {tuple(z.shape)}")
+    return z
+
+
+def _row_blocks(n: int, m: int):
+    """Row slices of an (n, m) pairwise matrix, each block at most ~_PAIR_BLOCK entries, to bound memory."""
+    step = max(1, _PAIR_BLOCK // max(m, 1))
+    for start in range(0, n, step):
+        yield slice(start, min(start + step, n))
+
+
+def _sq_dists(a: Tensor, b: Tensor) -> Tensor:
+    """|a_i - b_j|^2 (n, m), clamped at 0 against cancellation."""
+    return (a.pow(2).sum(1)[:, None] + b.pow(2).sum(1)[None, :] - 2 * a @ b.T).clamp_min(0)
+
+
+def _cov(z: Tensor) -> tuple[Tensor, Tensor]:
+    mean = z.mean(0)
+    zc = z - mean
+    return mean, zc.T @ zc / (z.shape[0] - 1)  # (D,), (D, D)
+
+
+def _whiten(z: Tensor) -> tuple[Tensor, int]:
+    """y = (z - mean) S^{-1/2} with S the maximum-likelihood covariance (1/N), restricted to the span of S.
+
+    Returns y (N, r) and the rank r: rank-deficient codes are tested in their r-dimensional span (the
+    pseudo-inverse), so the reference distributions of the tests use r in place of D.
+    """
+    zc = z - z.mean(0)
+    eigval, eigvec = torch.linalg.eigh(zc.T @ zc / z.shape[0])
+    keep = eigval > eigval.max().clamp_min(1e-300) * 1e-10
+    return zc @ eigvec[:, keep] / eigval[keep].sqrt(), int(keep.sum())
+
+
+def gauss_kl(z, jitter: float = 1e-6) -> float:
+    """KL(N(m, C) || N(0, I)) = 1/2 (tr C + |m|^2 - D - log det C) of the Gaussian fitted to the codes.
+
+    Uses ``gaussian_kl_to_standard``: a singular covariance (collapsed or low-rank codes) gets ``jitter`` * I,
+    so each missing direction adds about 1/2 log(1 / jitter) ~= 6.9 nats: finite, large, never NaN.
+    """
+    mean, cov = _cov(_as_float64(z))
+    return float(gaussian_kl_to_standard(mean, cov, jitter))
+
+
+def gauss_mmd(z, bandwidths2: tuple[float, ...] | None = None) -> float:
+    """MMD^2(q, N(0, I)) with k(x, y) = exp(-|x - y|^2 / (2 h^2)), averaged over bandwidths h^2.
+
+    The prior's expectations are closed form (Gaussian integrals): E_{y~N(0,I)} k(z, y) =
+    (h^2 / (h^2 + 1))^{D/2} exp(-|z|^2 / (2 (h^2 + 1))) and E_{y,y'} k = (h^2 / (h^2 + 2))^{D/2}; the codes'
+    term is the unbiased U-statistic (i != j) (Gretton et al. 2012, Eq. 3). Default h^2 in {D/2, D, 2D}:
+    typical squared distances grow like 2D, and a unit bandwidth in high D sees almost every pair as far,
+    which would rank codes 3x wider than the prior as closer than slightly shifted ones.
+    """
+    z = _as_float64(z)
+    n, d = z.shape
+    h2s = torch.tensor(bandwidths2 or (d / 2, d, 2 * d), dtype=torch.float64)  # (H,)
+    within = torch.zeros_like(h2s)
+    for rows in _row_blocks(n, n):
+        sq = _sq_dists(z[rows], z)  # (B, N)
+        within += torch.exp(-sq[..., None] / (2 * h2s)).sum((0, 1))
+    within = (within - n) / (n * (n - 1))  # the diagonal k(z_i, z_i) = 1 is excluded
+    sq_norm = z.pow(2).sum(1, keepdim=True)  # (N, 1)
+    cross = ((h2s / (h2s + 1)) ** (d / 2) * torch.exp(-sq_norm / (2 * (h2s + 1)))).mean(0)
+    prior = (h2s / (h2s + 2)) ** (d / 2)
+    return float((within - 2 * cross + prior).mean())
+
+
+def gauss_swd(z, n_projections: int = 256, seed: int = 0) -> float:
+    """Sliced 2-Wasserstein distance SW_2 = (E_theta W_2^2(theta^T q, N(0, 1)))^{1/2} (Kolouri et al. 2019).
+
+    Every projection of N(0, I) on a unit direction is N(0, 1), so the target's sorted projections are the
+    exact normal quantiles Phi^{-1}((i - 1/2) / N); the directions are uniform on the sphere with a fixed seed.
+    """
+    z = _as_float64(z)
+    n, d = z.shape
+    theta = torch.randn(d, n_projections, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    theta = theta / theta.norm(dim=0, keepdim=True)  # (D, L)
+    proj = (z @ theta).sort(dim=0).values  # (N, L)
+    quantiles = torch.from_numpy(stats.norm.ppf((np.arange(1, n + 1) - 0.5) / n))  # (N,)
+    return float((proj - quantiles[:, None]).pow(2).mean().sqrt())
+
+
+def _third_moment_pairs(y: Tensor, unbiased: bool) -> float:
+    """mean over pairs of (y_i . y_j)^3: all N^2 pairs, or only i != j (unbiased for |E y (x) y (x) y|^2)."""
+    n = y.shape[0]
+    total = sum(float((y[rows] @ y.T).pow(3).sum()) for rows in _row_blocks(n, n))
+    if not unbiased:
+        return total / n**2
+    return (total - float(y.pow(2).sum(1).pow(3).sum())) / (n * (n - 1))
+
+
+class Mardia(NamedTuple):
+    skew: float  # |E z(x)z(x)z|^2 about 0, U-statistic; 0 under N(0, I)
+    kurt: float  # |mean |z|^4 - D (D + 2)|; 0 in expectation under N(0, I)
+    skew_stat: float  # composite test: N b1,D / 6 (small-sample corrected), ~ chi2 with r(r+1)(r+2)/6 dof
+    skew_p: float
+    kurt_z: float  # composite test: (b2,D - E b2) / sd b2, ~ N(0, 1)
+    kurt_p: float  # two-sided
+
+
+def mardia(z) -> Mardia:
+    """Mardia's (1970) multivariate skewness b1 = 1/N^2 sum_ij (z_i^T z_j)^3 and kurtosis b2 = 1/N sum_i |z_i|^4.
+
+    Against N(0, I) (z unstandardised): ``skew`` excludes i = j, whose |z_i|^6 terms would add a bias
+    D(D+2)(D+4)/N, and ``kurt`` = |b2 - D(D+2)|. Composite test (z whitened by its sample mean and ML
+    covariance, rank r): skewness with Mardia's (1974) small-sample factor k = (r+1)(N+1)(N+3) /
+    (N((N+1)(r+1) - 6)), kurtosis standardised by its exact null mean r(r+2)(N-1)/(N+1) and variance
+    8r(r+2)(N-3)(N-r-1)(N-r+1) / ((N+1)^2 (N+3)(N+5)) (Mardia 1974).
+    """
+    z = _as_float64(z)
+    d = z.shape[1]
+    skew = _third_moment_pairs(z, unbiased=True)
+    kurt = abs(float(z.pow(2).sum(1).pow(2).mean()) - d * (d + 2))
+
+    y, r = _whiten(z)
+    n = y.shape[0]
+    b1 = _third_moment_pairs(y, unbiased=False)
+    b2 = float(y.pow(2).sum(1).pow(2).mean())
+    k = (r + 1) * (n + 1) * (n + 3) / (n * ((n + 1) * (r + 1) - 6))
+    skew_stat = n * k * b1 / 6
+    skew_p = float(stats.chi2.sf(skew_stat, r * (r + 1) * (r + 2) / 6))
+    mean_b2 = r * (r + 2) * (n - 1) / (n + 1)
+    var_b2 = 8 * r * (r + 2) * (n - 3) * (n - r - 1) * (n - r + 1) / ((n + 1) ** 2 * (n + 3) * (n + 5))
+    kurt_z = (b2 - mean_b2) / math.sqrt(var_b2)
+    kurt_p = float(2 * stats.norm.sf(abs(kurt_z)))
+    return Mardia(skew, kurt, skew_stat, skew_p, kurt_z, kurt_p)
+
+
+def henze_zirkler(z) -> tuple[float, float]:
+    """Henze-Zirkler (1990) statistic and p-value, z whitened by its sample mean and ML covariance (rank r).
+
+    HZ = 1/N sum_ij exp(-b^2/2 D_ij) - 2 (1+b^2)^{-r/2} sum_i exp(-b^2/(2(1+b^2)) D_i) + N (1+2b^2)^{-r/2},
+    D_ij = |y_i - y_j|^2, D_i = |y_i|^2, b = ((2r+1) N / 4)^{1/(r+4)} / sqrt(2). The p-value uses the
+    lognormal law with HZ's exact null mean and variance (Henze & Zirkler 1990, Theorem 2.1).
+    """
+    y, r = _whiten(_as_float64(z))
+    n = y.shape[0]
+    b2 = ((2 * r + 1) * n / 4) ** (2 / (r + 4)) / 2  # beta^2
+    pairs = sum(float(torch.exp(-b2 / 2 * _sq_dists(y[rows], y)).sum()) for rows in _row_blocks(n, n))
+    to_centre = float(torch.exp(-b2 / (2 * (1 + b2)) * y.pow(2).sum(1)).sum())
+    hz = pairs / n - 2 * (1 + b2) ** (-r / 2) * to_centre + n * (1 + 2 * b2) ** (-r / 2)
+
+    a, w = 1 + 2 * b2, (1 + b2) * (1 + 3 * b2)
+    mu = 1 - a ** (-r / 2) * (1 + r * b2 / a + r * (r + 2) * b2**2 / (2 * a**2))
+    var = (
+        2 * (1 + 4 * b2) ** (-r / 2)
+        + 2 * a ** (-r) * (1 + 2 * r * b2**2 / a**2 + 3 * r * (r + 2) * b2**4 / (4 * a**4))
+        - 4 * w ** (-r / 2) * (1 + 3 * r * b2**2 / (2 * w) + r * (r + 2) * b2**4 / (2 * w**2))
+    )
+    log_scale = math.log(mu**2 / math.sqrt(var + mu**2))  # lognormal with this mean and variance
+    sigma = math.sqrt(math.log1p(var / mu**2))
+    return hz, float(stats.lognorm.sf(hz, sigma, scale=math.exp(log_scale)))
+
+
+def ks_frac(z, alpha: float = 0.05) -> float:
+    """Fraction of dimensions whose marginal passes the Kolmogorov-Smirnov test against N(0, 1) at ``alpha``
+    (1 - alpha in expectation under N(0, I); no multiple-testing correction, by design: it is a fraction)."""
+    z = _as_float64(z).numpy()
+    return float(np.mean([stats.kstest(z[:, j], "norm").pvalue > alpha for j in range(z.shape[1])]))
+
+
+def prior_holes(z_fit, z_eval, n_prior: int = 10_000, seed: int = 0, n_components: int = 10) -> float:
+    """Fraction of prior samples that land where the codes have (almost) no mass.
+
+    A full-covariance Gaussian mixture q_hat is fit to ``z_fit``; the threshold is the 1st percentile of
+    log q_hat on the held-out ``z_eval``; the result is P_{N(0,I)}(log q_hat(z) < threshold), about 0.01 when
+    the codes are N(0, I) (held-out codes and prior samples are then exchangeable). Components are capped at
+    len(z_fit); if EM fails (e.g. collapsed codes), it is refit once with reg_covar=1e-3.
+    """
+    z_fit, z_eval = _as_float64(z_fit).numpy(), _as_float64(z_eval).numpy()
+    n_components = min(n_components, len(z_fit))
+    try:
+        gmm = GaussianMixture(n_components, covariance_type="full", random_state=seed).fit(z_fit)
+    except ValueError:
+        gmm = GaussianMixture(n_components, covariance_type="full", reg_covar=1e-3, random_state=seed)
+        gmm.fit(z_fit)
+    threshold = np.quantile(gmm.score_samples(z_eval), 0.01)
+    z_prior = np.random.default_rng(seed).standard_normal((n_prior, z_fit.shape[1]))
+    return float(np.mean(gmm.score_samples(z_prior) < threshold))
+
+
+def knn_kl(z, k: int = 5, seed: int = 0) -> float:
+    """k-NN estimate of KL(q || N(0, I)) (Wang, Kulkarni & Verdu 2009, Eq. 5):
+    D/n sum_i log(nu_k(i) / rho_k(i)) + log(m / (n - 1)), rho_k(i) the distance from z_i to its k-th
+    neighbour among the other codes, nu_k(i) to its k-th neighbour in a seeded N(0, I) sample of size m = n.
+    Duplicate codes (rho = 0) are floored at 1e-12 so the value stays finite.
+    """
+    z = _as_float64(z).numpy()
+    n, d = z.shape
+    reference = np.random.default_rng(seed).standard_normal((n, d))
+    rho = NearestNeighbors(n_neighbors=k + 1).fit(z).kneighbors(z)[0][:, k]  # column 0 is z_i itself
+    nu = NearestNeighbors(n_neighbors=k).fit(reference).kneighbors(z)[0][:, k - 1]
+    return float(d * np.mean(np.log(nu / np.maximum(rho, 1e-12))) + math.log(n / (n - 1)))
+
+
+def active_units(mu, threshold: float = 0.01) -> float:
+    """Number of dimensions u with Var_x(E_q(z|x)[z_u]) > threshold (Burda et al. 2016, Section 5.2);
+    ``mu`` (N, D) holds the posterior means (for a deterministic encoder, the codes)."""
+    return float((_as_float64(mu).var(0) > threshold).sum())
+
+
+def total_correlation(z, jitter: float = 1e-6) -> float:
+    """Gaussian total correlation KL(N(m, C) || prod_u N(m_u, C_uu)) = 1/2 (sum_u log C_uu - log det C).
+
+    ``jitter`` * I keeps it finite: a collapsed independent dimension adds 0, a collapsed direction that
+    mixes dimensions (low-rank codes) adds about 1/2 log(C_uu / jitter).
+    """
+    _, cov = _cov(_as_float64(z))
+    cov = cov + jitter * torch.eye(cov.shape[0], dtype=cov.dtype)
+    return float(0.5 * (cov.diagonal().log().sum() - torch.linalg.slogdet(cov).logabsdet))
+
+
+def gaussianity(z, mu=None, seed: int = 0) -> dict[str, float]:
+    """The whole battery, keyed by ``benchmark.metrics.keys``. ``prior_holes`` fits on a seeded random half of
+    the codes and thresholds on the other half; ``active_units`` is omitted unless the posterior means ``mu``
+    are given (for sampled codes, Var(z) includes the posterior noise and counts nothing)."""
+    z = _as_float64(z)
+    n = z.shape[0]
+    perm = torch.from_numpy(np.random.default_rng(seed).permutation(n))
+    m = mardia(z)
+    hz, hz_p = henze_zirkler(z)
+    out = {
+        keys.GAUSS_KL: gauss_kl(z),
+        keys.GAUSS_MMD: gauss_mmd(z),
+        keys.GAUSS_SWD: gauss_swd(z, seed=seed),
+        keys.MARDIA_SKEW: m.skew,
+        keys.MARDIA_KURT: m.kurt,
+        keys.MARDIA_SKEW_P: m.skew_p,
+        keys.MARDIA_KURT_P: m.kurt_p,
+        keys.HZ_STAT: hz,
+        keys.HZ_P: hz_p,
+        keys.KS_FRAC: ks_frac(z),
+        keys.PRIOR_HOLES: prior_holes(z[perm[: n // 2]], z[perm[n // 2 :]], seed=seed),
+        keys.KNN_KL: knn_kl(z, seed=seed),
+        keys.TOTAL_CORRELATION: total_correlation(z),
+    }
+    if mu is not None:
+        out[keys.ACTIVE_UNITS] = active_units(mu)
+    return out
+
+
+def _priority(index: Tensor, seed: int) -> np.ndarray:
+    """A seeded pseudo-random key per dataset index (the splitmix64 finaliser, a bijection of uint64), so
+    "the k smallest keys" is a uniform random subset that does not depend on arrival order or rank."""
+    x = index.detach().cpu().numpy().astype(np.uint64) + np.uint64(seed + 1) * np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def _bottom_k(index: Tensor, k: int, seed: int) -> Tensor:
+    """Positions of the k codes with the smallest priority, one per dataset index, returned in index order."""
+    index = index.detach().cpu().long()
+    _, first = np.unique(index.numpy(), return_index=True)  # drop repeats (DistributedSampler padding)
+    first = torch.from_numpy(first)
+    chosen = first[torch.from_numpy(np.argsort(_priority(index[first], seed), kind="stable")[:k])]
+    return chosen[index[chosen].argsort()]
+
+
+class LatentGaussianity(Metric):
+    """The Gaussianity battery of the aggregate posterior, over a bounded, seeded subset of the codes.
+
+    ``update(z, mu=None, index=None)`` takes codes z (B, D), optionally the posterior means mu (B, D), and
+    the dataset index (B,) of each code (default: a per-process running count, enough on one process; pass
+    the dataset index under DDP). Subsampling rule: each dataset index gets a seeded pseudo-random key; the
+    metric keeps the ``max_codes`` codes with the smallest keys (one per index: repeats, such as
+    DistributedSampler padding, are dropped). Each process compacts its buffer to its own ``max_codes``
+    smallest keys whenever it exceeds 2 * ``max_codes`` codes, so memory stays below 2 * max_codes + one batch,
+    and the global smallest keys always survive; ``compute`` gathers, keeps the global ``max_codes`` smallest,
+    sorts them by index and runs ``gaussianity``. The result is therefore independent of batching, arrival
+    order and the number of processes. ``forward`` is not supported: the battery needs the whole set.
+    """
+
+    is_differentiable = False
+    higher_is_better = None
+    full_state_update = False
+
+    def __init__(self, max_codes: int = 10_000, seed: int = 0, **kwargs):
+        super().__init__(**kwargs)
+        self.max_codes, self.seed = max_codes, seed
+        self.add_state("z", default=[], dist_reduce_fx="cat")
+        self.add_state("mu", default=[], dist_reduce_fx="cat")
+        self.add_state("index", default=[], dist_reduce_fx="cat")
+        self._n_seen = 0  # source of default indices
+
+    def update(self, z: Tensor, mu: Tensor | None = None, index: Tensor | None = None) -> None:
+        z = z.detach()
+        if (mu is None) != (len(self.mu) == 0) and len(self.index) > 0:
+            raise ValueError("pass mu to every update() or to none")
+        if index is None:
+            index = torch.arange(self._n_seen, self._n_seen + len(z), device=z.device)
+        self._n_seen += len(z)
+        self.z.append(z)
+        self.index.append(index.detach().long())
+        if mu is not None:
+            self.mu.append(mu.detach())
+        if sum(len(i) for i in self.index) > 2 * self.max_codes:
+            self._compact()
+
+    def _compact(self) -> None:
+        z, index = dim_zero_cat(self.z), dim_zero_cat(self.index)
+        keep = _bottom_k(index, self.max_codes, self.seed).to(z.device)
+        self.z[:], self.index[:] = [z[keep]], [index[keep]]
+        if self.mu:
+            self.mu[:] = [dim_zero_cat(self.mu)[keep]]
+
+    def compute(self) -> dict[str, float]:
+        z, index = dim_zero_cat(self.z), dim_zero_cat(self.index).long()
+        mu = dim_zero_cat(self.mu) if len(self.mu) else None
+        if mu is not None and mu.numel() == 0:
+            mu = None
+        if mu is not None and len(mu) != len(z):
+            raise ValueError("pass mu to every update() or to none")
+        keep = _bottom_k(index, self.max_codes, self.seed).to(z.device)
+        return gaussianity(z[keep], None if mu is None else mu[keep], seed=self.seed)
+
+    def reset(self) -> None:
+        super().reset()
+        self._n_seen = 0
+
+    def forward(self, *args, **kwargs):
+        raise NotImplementedError("LatentGaussianity: call update() per batch and compute() once")

@@ -1,0 +1,42 @@
+"""Metric keys shared by evaluation, run records, the leaderboard and the tests.
+
+Each key maps to the direction in which the metric improves, so that ranking never guesses.
+"""
+
+# Likelihood (nats per image unless the key says otherwise).
+ELBO = "elbo"
+DISTORTION = "distortion"          # -E_q[log p(x|z)]
+RATE = "rate"                      # KL(q(z|x) || p(z))
+ELBO_BPD = "elbo_bpd"              # -elbo in bits per dimension
+ELBO_EXPOST = "elbo_expost"        # ELBO of a fitted ex-post Gaussian posterior (deterministic encoders)
+NLL_IW = "nll_iw"                  # -log p(x) by importance sampling (IWAE bound L_K)
+
+# Samples (Frechet distances; the extractor is part of the key).
+FID_PRIOR = "fid_prior"
+FID_GMM = "fid_gmm"
+FID_RECON = "fid_recon"
+
+# Latent Gaussianity of the aggregate posterior.
+GAUSS_KL = "gauss_kl"
+GAUSS_MMD = "gauss_mmd"
+GAUSS_SWD = "gauss_swd"
+MARDIA_SKEW = "mardia_skew"
+MARDIA_KURT = "mardia_kurt"
+MARDIA_SKEW_P = "mardia_skew_p"
+MARDIA_KURT_P = "mardia_kurt_p"
+HZ_STAT = "hz_stat"
+HZ_P = "hz_p"
+KS_FRAC = "ks_frac"
+PRIOR_HOLES = "prior_holes"
+KNN_KL = "knn_kl"
+ACTIVE_UNITS = "active_units"
+TOTAL_CORRELATION = "total_correlation"
+
+HIGHER_IS_BETTER = {
+    ELBO: True, DISTORTION: False, RATE: None, ELBO_BPD: False, ELBO_EXPOST: True, NLL_IW: False,
+    FID_PRIOR: False, FID_GMM: False, FID_RECON: False,
+    GAUSS_KL: False, GAUSS_MMD: False, GAUSS_SWD: False, MARDIA_SKEW: False, MARDIA_KURT: False,
+    MARDIA_SKEW_P: None, MARDIA_KURT_P: None, HZ_STAT: False, HZ_P: None, KS_FRAC: True,
+    PRIOR_HOLES: False, KNN_KL: False, ACTIVE_UNITS: True, TOTAL_CORRELATION: False,
+}
+"""True: higher is better; False: lower is better; None: reported, not ranked."""

@@ -1,0 +1,107 @@
+"""The one training loop every latent variant shares.
+
+encode -> posterior q(z|x) -> z ~ q (reparametrised) -> decode -> likelihood p(x|z) -> objective.
+A variant states two things only (see ``variants.py``): its posterior head (``make_posterior``) and its
+regulariser (``regularizer``). The objective it trains on and the ELBO it is evaluated on are kept apart:
+the objective is ``distortion + weight * regularizer``; the ELBO is ``-(distortion + KL(q || p))``.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import lightning as L
+import torch
+from torch import Tensor
+from torch.distributions import Distribution
+
+from benchmark.errors import UsageError
+from benchmark.latents import Deterministic, Posterior, standard_normal
+from benchmark.likelihoods import make_likelihood
+from benchmark.nets import NETWORKS
+
+
+class LatentVariableModel(L.LightningModule):
+    """Decoder p(x|z), prior p(z) = N(0, I), an encoder head q(z|x), and a regulariser.
+
+    Args:
+        data_shape: image shape (C, H, W); the CLI links it from the DataModule.
+        latent_dim: D, the size of z.
+        network: ``mlp`` or ``conv`` (same network for encoder and decoder, mirrored).
+        hidden: hidden sizes (MLP widths, or conv channels, e.g. 128-256-512-1024).
+        likelihood: ``bernoulli`` (binary data) or ``gaussian`` (continuous data).
+        sigma, learn_sigma: the Gaussian likelihood's scalar standard deviation, fixed or learned.
+        weight: the regulariser's weight in the objective (beta for the VAE, lambda for the WAE, ...).
+        lr: Adam's learning rate.
+    """
+
+    def __init__(self, data_shape: Sequence[int] = (1, 28, 28), latent_dim: int = 16, network: str = "mlp",
+                 hidden: Sequence[int] = (500, 500), likelihood: str = "bernoulli", sigma: float = 1.0,
+                 learn_sigma: bool = False, weight: float = 1.0, lr: float = 1e-3):
+        super().__init__()
+        if latent_dim < 1:
+            raise UsageError(f"latent_dim must be a positive integer, got {latent_dim}")
+        if network not in NETWORKS:
+            raise UsageError(f"unknown network {network!r}; choose one of {sorted(NETWORKS)}")
+        self.save_hyperparameters()
+        data_shape, hidden = tuple(data_shape), tuple(hidden)
+        make_encoder, make_decoder = NETWORKS[network]
+        self.head = self.make_posterior()
+        self.encoder = make_encoder(data_shape, self.head.n_params(latent_dim), hidden)
+        self.decoder = make_decoder(latent_dim, data_shape, hidden)
+        self.likelihood = make_likelihood(likelihood, sigma, learn_sigma)
+
+    # --- what a variant states -----------------------------------------------------------------------
+    def make_posterior(self) -> Posterior:
+        """The encoder head q(z|x); deterministic unless a variant says otherwise."""
+        return Deterministic()
+
+    def regularizer(self, z: Tensor, qz_x: Distribution, x_out: Tensor) -> Tensor:
+        """The variant's penalty on the batch's codes z (B, D), scalar. None for the plain autoencoder."""
+        return z.new_zeros(())
+
+    # --- the model ------------------------------------------------------------------------------------
+    def prior(self, like: Tensor, batch_shape=()) -> Distribution:
+        return standard_normal(self.hparams.latent_dim, like, batch_shape)
+
+    def posterior(self, x: Tensor) -> Distribution:
+        return self.head(self.encoder(x))
+
+    def decode(self, z: Tensor) -> Distribution:
+        """p(x|z) for codes z (..., D); the distribution's mean is the image."""
+        lead = z.shape[:-1]
+        out = self.decoder(z.reshape(-1, z.shape[-1]))
+        out = out.reshape(*lead, *out.shape[1:])
+        return self.likelihood(out)
+
+    @torch.no_grad()
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """n images decoded from z ~ N(0, I): the decoder's mean (probabilities for Bernoulli)."""
+        z = torch.randn(n, self.hparams.latent_dim, generator=generator, device=self.device)
+        return self.decode(z).mean.clamp(0, 1)
+
+    # --- the loop -------------------------------------------------------------------------------------
+    def _common_step(self, batch, stage: str) -> Tensor:
+        x, _ = batch
+        qz_x = self.posterior(x)
+        z = qz_x.rsample()  # (B, D)
+        x_out = self.decoder(z)
+        distortion = -self.likelihood(x_out).log_prob(x).mean()  # nats per image
+        reg = self.regularizer(z, qz_x, x_out)
+        loss = distortion + self.hparams.weight * reg
+        self.log_dict({f"{stage}/loss": loss, f"{stage}/distortion": distortion, f"{stage}/regularizer": reg},
+                      on_step=False, on_epoch=True, sync_dist=stage != "train", batch_size=len(x),
+                      prog_bar=stage != "train")
+        return loss
+
+    def training_step(self, batch, batch_idx):
+        return self._common_step(batch, "train")
+
+    def validation_step(self, batch, batch_idx):
+        self._common_step(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        self._common_step(batch, "test")
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
