@@ -17,7 +17,7 @@ from typing import Callable, Literal, Optional
 import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from benchmark.errors import UsageError
 
@@ -140,7 +140,8 @@ def _torchvision(name: str, root: Path, shape) -> Arrays:
 
 
 class TensorImages(Dataset):
-    """Images and labels held as tensors; ``__getitems__`` serves a whole batch with one indexing op."""
+    """Images and labels held as tensors; ``__getitems__`` serves a whole batch with one indexing op.
+    A batch is (x, y, index): the index lets sample-based metrics order codes the same way under DDP."""
 
     def __init__(self, x: Tensor, y: Tensor, dynamic_binarization: bool = False):
         self.x, self.y, self.dynamic = x, y, dynamic_binarization
@@ -148,14 +149,28 @@ class TensorImages(Dataset):
     def __len__(self):
         return len(self.x)
 
-    def __getitems__(self, idx: list[int]) -> tuple[Tensor, Tensor]:
+    def __getitems__(self, idx: list[int]) -> tuple[Tensor, Tensor, Tensor]:
         idx = torch.as_tensor(idx, device=self.x.device)
         x = self.x[idx]
-        return (torch.bernoulli(x) if self.dynamic else x), self.y[idx]
+        return (torch.bernoulli(x) if self.dynamic else x), self.y[idx], idx
 
     def __getitem__(self, i: int):
-        x, y = self.__getitems__([i])
-        return x[0], y[0]
+        return tuple(t[0] for t in self.__getitems__([i]))
+
+
+class ShardSampler(DistributedSampler):
+    """Evaluation sharding without padding: rank r of w gets the contiguous slice [r n / w, (r+1) n / w).
+
+    ``DistributedSampler`` repeats items to even out the ranks, which biases a metric over the split;
+    subclassing it tells Lightning the loader is already sharded."""
+
+    def __iter__(self):
+        n = len(self.dataset)
+        return iter(range(self.rank * n // self.num_replicas, (self.rank + 1) * n // self.num_replicas))
+
+    def __len__(self):
+        n = len(self.dataset)
+        return (self.rank + 1) * n // self.num_replicas - self.rank * n // self.num_replicas
 
 
 def _batch(batch):
@@ -194,6 +209,7 @@ class LatentDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self.spec = DATASETS[dataset]
         self.splits: dict[str, TensorImages] = {}
+        self.grey: dict[str, tuple[Tensor, Tensor]] = {}  # CPU images in [0, 1] and labels, never binarised
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -220,6 +236,7 @@ class LatentDataModule(L.LightningDataModule):
         val, train = perm[: self.spec.val_size], perm[self.spec.val_size:]
         x = {"train": xtr[train], "val": xtr[val], "test": xte}
         y = {"train": ytr[train], "val": ytr[val], "test": yte}
+        self.grey = {name: (x[name], y[name]) for name in x}  # before binarisation: FID's reference images
         mode = self.hparams.binarize
         for name in x:
             if mode == "static" or (mode == "dynamic" and name != "train"):
@@ -234,16 +251,21 @@ class LatentDataModule(L.LightningDataModule):
             return self.trainer.strategy.root_device
         return torch.device("cpu")
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        bs = self.hparams.batch_size if split == "train" else self.hparams.eval_batch_size
-        return DataLoader(self.splits[split], batch_size=bs, shuffle=shuffle, collate_fn=_batch,
-                          drop_last=split == "train" and len(self.splits[split]) > bs)
+    def _loader(self, split: str) -> DataLoader:
+        data = self.splits[split]
+        if split == "train":
+            bs = self.hparams.batch_size
+            return DataLoader(data, batch_size=bs, shuffle=True, collate_fn=_batch, drop_last=len(data) > bs)
+        sampler = None
+        if self.trainer is not None and self.trainer.world_size > 1:
+            sampler = ShardSampler(data, self.trainer.world_size, self.trainer.global_rank, shuffle=False)
+        return DataLoader(data, batch_size=self.hparams.eval_batch_size, sampler=sampler, collate_fn=_batch)
 
     def train_dataloader(self):
-        return self._loader("train", shuffle=True)
+        return self._loader("train")
 
     def val_dataloader(self):
-        return self._loader("val", shuffle=False)
+        return self._loader("val")
 
     def test_dataloader(self):
-        return self._loader("test", shuffle=False)
+        return self._loader("test")

@@ -82,7 +82,7 @@ class LatentVariableModel(L.LightningModule):
 
     # --- the loop -------------------------------------------------------------------------------------
     def _common_step(self, batch, stage: str) -> Tensor:
-        x, _ = batch
+        x = batch[0]
         qz_x = self.posterior(x)
         z = qz_x.rsample()  # (B, D)
         x_out = self.decoder(z)

@@ -176,7 +176,8 @@ class DomainClassifier(nn.Module):
         super().__init__()
         self.features = nn.Sequential(
             nn.Conv2d(in_channels, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2, ceil_mode=True),  # (N, 32, H/2, W/2)
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(4),                # (N, 64, 4, 4)
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2, ceil_mode=True),        # (N, 64, H/4, W/4)
+            nn.AdaptiveMaxPool2d(4),  # (N, 64, 4, 4): 28x28 -> 7x7 pooled; 8x8 -> 2x2 replicated
             nn.Flatten(), nn.Linear(64 * 4 * 4, num_features), nn.ReLU(),                       # (N, 128)
         )
         self.head = nn.Linear(num_features, num_classes)
@@ -273,7 +274,7 @@ def domain_feature_extractor(dataset: str, train_images: Tensor, train_labels: T
 
     The checksum covers the data and the training recipe, so a change of either trains a new network.
     """
-    recipe = {"arch": "conv32-conv64-fc128/v1", "epochs": epochs, "min_steps": min_steps,
+    recipe = {"arch": "conv32-pool-conv64-pool-maxpool4-fc128/v1", "epochs": epochs, "min_steps": min_steps,
               "batch_size": batch_size, "val_fraction": val_fraction, "seed": seed}
     checksum = tensors_checksum(train_images, train_labels)
     key = hashlib.sha256(f"{checksum}|{json.dumps(recipe, sort_keys=True)}".encode()).hexdigest()[:16]
@@ -288,7 +289,7 @@ def domain_feature_extractor(dataset: str, train_images: Tensor, train_labels: T
             train_images.float().cpu(), train_labels.long().cpu(), epochs=epochs, min_steps=min_steps,
             batch_size=batch_size, val_fraction=val_fraction, seed=seed)
         meta = {"dataset": dataset, "data_checksum": checksum, "in_channels": train_images.shape[1],
-                "image_size": list(train_images.shape[2:]), **recipe, **meta, "torch": torch.__version__}
+                "image_size": list(train_images.shape[2:]), **recipe, **meta, "torch": str(torch.__version__)}
         _atomic_save({"state_dict": classifier.state_dict(), "meta": meta}, path)
         path.with_suffix(".json").write_text(json.dumps(meta, indent=2))
     return DomainFeatureExtractor(classifier, tag=f"domain-{dataset}-{key}", meta=meta)

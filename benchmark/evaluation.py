@@ -1,0 +1,209 @@
+"""The evaluation that runs after training: likelihood bounds, FID of samples, latent Gaussianity.
+
+It is a ``LightningModule`` run by ``trainer.test`` on the test split, so the same strategy (one process,
+DDP over GPUs or CPU processes) evaluates as it trained. Every metric is a torchmetrics ``Metric``: sums
+are reduced over ranks, code buffers are gathered, and the prior / GMM samples are one global seeded set
+of which each rank decodes its slice, so a 2-process evaluation equals a 1-process one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.distributions import Distribution, Independent, Normal
+
+from benchmark.latents import Delta
+from benchmark.metrics import keys
+from benchmark.metrics.fid import (FrechetDistanceToReference, build_feature_extractor,
+                                   reference_statistics)
+from benchmark.metrics.gaussianity import LatentGaussianity
+from benchmark.metrics.likelihood import LikelihoodBounds, elbo_terms, iw_log_likelihood
+from benchmark.module import LatentVariableModel
+from benchmark.nets import mlp
+
+
+@dataclass
+class EvaluationConfig:
+    """What to measure after training and how much of it.
+
+    Args:
+        iw_samples: K of the importance-weighted bound (0 skips ``nll_iw``).
+        fid_samples: images decoded from the prior (and from the GMM) for FID; 0 skips FID.
+        fid_extractor: ``domain`` (a small classifier trained on the dataset, for CPUs) or ``inception``.
+        inception_weights: a local Inception file (a TorchScript ``.pt`` or torch-fidelity's ``.pth``).
+        gmm_components: components of the full-covariance mixture fitted to training codes (RAE protocol).
+        max_codes: codes kept for the Gaussianity battery (a seeded subset; see ``LatentGaussianity``).
+        expost_epochs: epochs fitting the ex-post posterior of deterministic encoders.
+        seed: seeds every sample drawn by the evaluation.
+        cache_dir: where extractors and reference statistics are cached.
+    """
+
+    iw_samples: int = 1000
+    fid_samples: int = 10_000
+    fid_extractor: str = "domain"
+    inception_weights: Optional[str] = None
+    gmm_components: int = 10
+    max_codes: int = 10_000
+    expost_epochs: int = 5
+    seed: int = 0
+    cache_dir: Optional[str] = None
+
+
+class ExPostPosterior(L.LightningModule):
+    """q(z|x) = N(f(x), diag s(f(x))^2) around a frozen deterministic encoder f.
+
+    Only the small scale head s is trained, on the ELBO of the training split with the decoder frozen. The
+    ELBO of any q is a lower bound on log p(x) of the decoder with the prior N(0, I), so this gives the
+    deterministic variants a valid, comparable ELBO (and a proposal for importance sampling)."""
+
+    def __init__(self, model: LatentVariableModel, hidden: int = 64, lr: float = 1e-3):
+        super().__init__()
+        self.model = model.requires_grad_(False)
+        d = model.hparams.latent_dim
+        self.scale = mlp([d, hidden, d])
+        nn.init.constant_(self.scale[-1].bias, -2.0)  # start narrow: softplus(-2) ~ 0.13
+        self.lr = lr
+
+    def forward(self, x: Tensor) -> Distribution:
+        code = self.model.posterior(x).mean  # (B, D)
+        return Independent(Normal(code, F.softplus(self.scale(code)) + 1e-4), 1)
+
+    def on_train_epoch_start(self):
+        self.model.eval()  # frozen: BatchNorm statistics must not move either
+
+    def training_step(self, batch, batch_idx):
+        x = batch[0]
+        distortion, rate = elbo_terms(x, self(x), self.model.decode, self.model.prior(x, x.shape[:1]))
+        loss = (distortion + rate).mean()
+        self.log("expost/loss", loss, on_step=False, on_epoch=True, batch_size=len(x))
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.scale.parameters(), lr=self.lr)
+
+
+def is_deterministic(model: LatentVariableModel, x: Tensor) -> bool:
+    return isinstance(model.posterior(x[:1]), Delta)
+
+
+@torch.no_grad()
+def training_codes(model: LatentVariableModel, x: Tensor, binary: bool, seed: int) -> np.ndarray:
+    """Posterior means of the training images (binarised once, seeded, for binary data), float64."""
+    g = torch.Generator(device=x.device).manual_seed(seed)
+    codes = []
+    for batch in x.split(1000):
+        batch = torch.bernoulli(batch, generator=g) if binary else batch
+        codes.append(model.posterior(batch.to(model.device)).mean.double().cpu())
+    return torch.cat(codes).numpy()
+
+
+def fit_gmm(codes: np.ndarray, n_components: int, seed: int):
+    """The RAE protocol's ex-post density: a full-covariance Gaussian mixture on the training codes
+    (Ghosh et al. 2020, Section 4). Fitted in float64 (float32 gives spuriously non-PSD covariances)."""
+    from sklearn.mixture import GaussianMixture
+
+    return GaussianMixture(n_components, covariance_type="full", reg_covar=1e-6, random_state=seed).fit(codes)
+
+
+class Evaluation(L.LightningModule):
+    """Runs every metric over the test split (``test_step``) and the prior/GMM samples (at epoch end)."""
+
+    def __init__(self, model: LatentVariableModel, cfg: EvaluationConfig, expost: ExPostPosterior | None = None,
+                 extractor=None, reference=None, gmm=None):
+        super().__init__()
+        self.model, self.cfg, self.expost, self.gmm = model, cfg, expost, gmm
+        self.bounds = LikelihoodBounds()
+        self.codes = LatentGaussianity(cfg.max_codes, cfg.seed)
+        self.fid = nn.ModuleDict()
+        if extractor is not None and cfg.fid_samples > 0:
+            names = [keys.FID_PRIOR, keys.FID_RECON] + ([keys.FID_GMM] if gmm is not None else [])
+            self.fid.update({k: FrechetDistanceToReference(extractor, reference) for k in names})
+        self.results: dict[str, float] = {}
+
+    def proposal(self, x: Tensor) -> Distribution:
+        """q(z|x) for the likelihood bounds: the encoder's own posterior, or the ex-post one."""
+        return self.expost(x) if self.expost is not None else self.model.posterior(x)
+
+    def test_step(self, batch, batch_idx):
+        x, _, index = batch
+        qz_x, pz = self.proposal(x), self.model.prior(x, x.shape[:1])
+        distortion, rate = elbo_terms(x, qz_x, self.model.decode, pz)
+        log_px = iw_log_likelihood(x, qz_x, self.model.decode, pz, self.cfg.iw_samples) \
+            if self.cfg.iw_samples > 0 else None
+        self.bounds.update(distortion, rate, log_px)
+
+        q_model = self.model.posterior(x)  # the codes the model itself would decode
+        z = q_model.sample()
+        self.codes.update(z, None if isinstance(q_model, Delta) else q_model.mean, index)
+        if keys.FID_RECON in self.fid:
+            self.fid[keys.FID_RECON].update(self.model.decode(q_model.mean).mean.clamp(0, 1))
+
+    def _decode_slice(self, z: Tensor, metric):
+        """Decode this rank's slice of a global sample set z (N, D) into the FID metric."""
+        n, w, r = len(z), self.trainer.world_size, self.trainer.global_rank
+        for chunk in z[r * n // w: (r + 1) * n // w].split(1000):
+            metric.update(self.model.decode(chunk.to(self.device)).mean.clamp(0, 1))
+
+    def on_test_epoch_end(self):
+        n, d = self.cfg.fid_samples, self.model.hparams.latent_dim
+        if keys.FID_PRIOR in self.fid:
+            z = torch.randn(n, d, generator=torch.Generator().manual_seed(self.cfg.seed))
+            self._decode_slice(z, self.fid[keys.FID_PRIOR])
+        if keys.FID_GMM in self.fid:
+            self.gmm.random_state = self.cfg.seed
+            z = torch.as_tensor(self.gmm.sample(n)[0], dtype=torch.float32)
+            self._decode_slice(z, self.fid[keys.FID_GMM])
+        results = {k: float(v) for k, v in self.bounds.compute().items()}
+        if self.cfg.iw_samples <= 0:
+            results.pop(keys.NLL_IW)
+        if self.expost is not None:
+            results[keys.ELBO_EXPOST] = results[keys.ELBO]
+        results.update(self.codes.compute())
+        results.update({k: float(m.compute()) for k, m in self.fid.items()})
+        self.results = results
+        self.log_dict({f"test/{k}": v for k, v in results.items() if np.isfinite(v)}, rank_zero_only=True)
+
+
+def evaluate(model: LatentVariableModel, datamodule, cfg: EvaluationConfig, make_trainer) -> dict:
+    """Fit what the evaluation needs (ex-post posterior, GMM, FID extractor), then run it on the test split.
+
+    ``make_trainer(**overrides)`` builds a Trainer with the run's strategy and devices. Returns the metrics
+    and a description of the protocol for the run record."""
+    datamodule.setup("test")
+    model.eval()
+    x_train, y_train = datamodule.grey["train"]
+    expost = None
+    if is_deterministic(model, x_train[:1].to(model.device)):
+        expost = ExPostPosterior(model)
+        make_trainer(max_epochs=cfg.expost_epochs).fit(expost, datamodule=datamodule)
+        expost.eval()
+    model.eval()
+
+    extractor = reference = gmm = None
+    if cfg.fid_samples > 0:
+        name = datamodule.hparams.dataset
+        if cfg.fid_extractor == "domain":
+            extractor = build_feature_extractor("domain", dataset=name, train_images=x_train, train_labels=y_train,
+                                                cache_dir=cfg.cache_dir)
+        else:
+            extractor = build_feature_extractor(cfg.fid_extractor, weights_path=cfg.inception_weights)
+        reference = reference_statistics(name, datamodule.grey["test"][0], extractor, cache_dir=cfg.cache_dir)
+        if cfg.gmm_components > 0:
+            codes = training_codes(model, x_train, datamodule.binary, cfg.seed)
+            gmm = fit_gmm(codes, cfg.gmm_components, cfg.seed)
+
+    evaluation = Evaluation(model, cfg, expost, extractor, reference, gmm)
+    trainer = make_trainer()
+    trainer.test(evaluation, datamodule=datamodule, verbose=False)
+    results = evaluation.results or {k[len("test/"):]: float(v) for k, v in trainer.callback_metrics.items()
+                                     if k.startswith("test/")}
+    protocol = {**asdict(cfg), "fid_reference": "test", "fid_image": "decoder mean",
+                "elbo_posterior": "ex-post Gaussian" if expost is not None else "encoder",
+                "fid_extractor_meta": getattr(extractor, "meta", None) if extractor is not None else None}
+    return {"metrics": results, "protocol": protocol}

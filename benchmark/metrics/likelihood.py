@@ -1,0 +1,66 @@
+"""ELBO and importance-weighted log-likelihood: pure functions plus one sum-reducible ``Metric``.
+
+All values are nats per image. ``decode`` maps codes z (..., D) to p(x|z) with batch shape (...).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import Tensor
+from torch.distributions import Distribution
+from torchmetrics import Metric
+
+from benchmark.latents import kl
+from benchmark.metrics import keys
+
+Decode = Callable[[Tensor], Distribution]
+
+
+def elbo_terms(x: Tensor, qz_x: Distribution, decode: Decode, pz: Distribution) -> tuple[Tensor, Tensor]:
+    """(distortion, rate) per image: -E_q[log p(x|z)] by one reparametrised sample, and KL(q(z|x) || p(z))
+    in closed form where registered (Monte Carlo at the same sample otherwise). ELBO = -(distortion + rate)."""
+    z = qz_x.rsample()  # (B, D)
+    distortion = -decode(z).log_prob(x)
+    return distortion, kl(qz_x, pz, z)
+
+
+def iw_log_likelihood(x: Tensor, qz_x: Distribution, decode: Decode, pz: Distribution, k: int,
+                      max_decoded: int = 1 << 16) -> Tensor:
+    """log p(x) per image (B,) by the importance-weighted bound L_K (Burda et al. 2016, Eq. 8):
+    log 1/K sum_k p(x, z_k) / q(z_k|x), z_k ~ q(z|x), by logsumexp. The K samples are drawn in chunks so
+    that at most ``max_decoded`` images are decoded at once; every image of the batch is done together."""
+    b = x.shape[0]
+    chunk = max(1, max_decoded // b)
+    log_w = []
+    for start in range(0, k, chunk):
+        z = qz_x.sample((min(chunk, k - start),))  # (k_chunk, B, D)
+        log_w.append(decode(z).log_prob(x) + pz.log_prob(z) - qz_x.log_prob(z))  # (k_chunk, B)
+    return torch.logsumexp(torch.cat(log_w), dim=0) - math.log(k)
+
+
+class LikelihoodBounds(Metric):
+    """Means over a split of the ELBO, its two terms and the IWAE estimate of -log p(x).
+
+    Sum-reducible: each rank adds its images' values, so a DDP run equals a single-process run."""
+
+    full_state_update = False
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        for name in ("distortion", "rate", "nll_iw", "n"):
+            self.add_state(name, torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, distortion: Tensor, rate: Tensor, log_px: Tensor | None = None):
+        self.distortion += distortion.double().sum()
+        self.rate += rate.double().sum()
+        if log_px is not None:
+            self.nll_iw -= log_px.double().sum()
+        self.n += distortion.numel()
+
+    def compute(self) -> dict[str, Tensor]:
+        distortion, rate = self.distortion / self.n, self.rate / self.n
+        return {keys.ELBO: -(distortion + rate), keys.DISTORTION: distortion, keys.RATE: rate,
+                keys.NLL_IW: self.nll_iw / self.n}

@@ -1,0 +1,619 @@
+"""Run records (one JSON file per run) and the leaderboard computed from them.
+
+A run record is written once per run by the executor at ``results/runs/<study>/<run>.json``:
+
+    {"study", "run", "dataset", "variant", "seed", "status": finished | diverged | failed | running,
+     "reason", "diverged_step", "config", "code": {"commit", "dirty"}, "env", "device", "timings",
+     "metrics": {key: float | null}, "protocol": {...}, "created",
+     "samples": path of a PNG grid of prior samples, relative to the record's folder (or RESULTS_DIR) | null}
+
+Writes are atomic (temp file in the same folder, fsync, ``os.replace``), serialised per folder by a lock
+file, and a finished record is never overwritten unless asked. Everything else (tables, CSV, plots, the
+comparison with published values) is computed from the records, so it can be rebuilt at any time:
+
+    latent-bench leaderboard [RESULTS_DIR] [--references FILE]
+
+Cells are ``mean ± h (n)`` over seeds, h the 95% Student-t half-width t_{0.975, n-1} s / sqrt(n) with s the
+sample standard deviation (ddof = 1); h is undefined ("n/a") for one seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from benchmark.errors import UsageError
+from benchmark.metrics import keys as K
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: writes stay atomic, only the finished-record check is unserialised
+    fcntl = None
+
+STATUSES = ("finished", "diverged", "failed", "running")
+REQUIRED_FIELDS = ("study", "run", "status")
+LOCK_FILE = ".records.lock"
+
+# Ranking metric of a table: the first family any variant of the table reports. Within a family the first
+# key a variant has is used (an ELBO is -inf or missing for deterministic encoders; their ex-post ELBO is
+# the same bound for a fitted Gaussian posterior).
+PRIMARY = ((K.FID_PRIOR,), (K.ELBO, K.ELBO_EXPOST), (K.NLL_IW,))
+HEADLINE = (K.FID_PRIOR, K.FID_GMM, K.FID_RECON, K.ELBO, K.ELBO_EXPOST, K.NLL_IW, K.ELBO_BPD,
+            K.DISTORTION, K.RATE)
+GAUSSIANITY_PANEL = (K.GAUSS_KL, K.GAUSS_MMD, K.GAUSS_SWD, K.KNN_KL, K.PRIOR_HOLES, K.KS_FRAC)
+LOG_SCALE = {K.GAUSS_KL, K.GAUSS_MMD, K.GAUSS_SWD, K.KNN_KL}  # log axis when positive and over a decade
+MIXED = "<differs between seeds>"
+
+
+class FinishedRecordError(UsageError):
+    """Raised instead of overwriting a finished record."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Writing and reading records
+# ----------------------------------------------------------------------------------------------------------------
+
+@contextmanager
+def _folder_lock(folder: Path):
+    """Exclusive lock on ``folder/.records.lock`` (flock: also excludes threads of this process)."""
+    if fcntl is None:
+        yield
+        return
+    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _json_default(obj):
+    if hasattr(obj, "item"):  # numpy / torch scalars
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+
+
+def write_record(path: str | Path, record: dict, overwrite: bool = False) -> Path:
+    """Write ``record`` to ``path`` atomically: readers see the old file or the new one, never a part.
+
+    Refuses (``FinishedRecordError``) to replace a record whose status is ``finished`` unless ``overwrite``.
+    Non-finite floats are written as JSON's common extension ``NaN`` / ``-Infinity`` (Python reads them).
+    """
+    if any(k not in record for k in REQUIRED_FIELDS) or record["status"] not in STATUSES:
+        raise ValueError(f"not a run record: needs {', '.join(REQUIRED_FIELDS)} and a status in {STATUSES}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(record, indent=2, default=_json_default) + "\n"  # fail before touching the disk
+    with _folder_lock(path.parent):
+        if not overwrite and _is_finished(path):
+            raise FinishedRecordError(f"{path} holds a finished run; move it away to rerun that run "
+                                      "(or pass overwrite=True)")
+        _atomic_write(path, text)
+    return path
+
+
+def _atomic_write(path: Path, text: str):
+    """Temp file in the same folder, fsync, rename over ``path``, fsync the folder (the rename is durable)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_folder(path.parent)
+
+
+def _fsync_folder(folder: Path):
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _is_finished(path: Path) -> bool:
+    if not path.exists():
+        return False
+    try:
+        return read_record(path)["status"] == "finished"
+    except (OSError, ValueError) as e:
+        warnings.warn(f"replacing unreadable record {path}: {e}")
+        return False
+
+
+def read_record(path: str | Path) -> dict:
+    """One record; ``ValueError`` if the file is not JSON or not a run record."""
+    with open(path, encoding="utf-8") as f:
+        record = json.load(f)
+    if not isinstance(record, dict) or any(k not in record for k in REQUIRED_FIELDS):
+        raise ValueError(f"{path} is not a run record (needs the fields {', '.join(REQUIRED_FIELDS)})")
+    return record
+
+
+def load_records(results_dir: str | Path) -> list[dict]:
+    """Every record under ``results_dir/runs/**/*.json``, in path order; unreadable files are skipped
+    with a warning."""
+    records = []
+    for path in sorted(Path(results_dir).glob("runs/**/*.json")):
+        try:
+            records.append(read_record(path))
+        except (OSError, ValueError) as e:
+            warnings.warn(f"skipping unreadable record {path}: {e}")
+    return records
+
+
+def code_version(repo: str | Path | None = None) -> dict:
+    """``{"commit": sha, "dirty": bool}`` of the git checkout holding ``repo`` (default: this package);
+    both None outside a git repository. Untracked files do not count as dirty."""
+    cwd = Path(repo) if repo is not None else Path(__file__).resolve().parent
+
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10,
+                              check=True).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+    return {"commit": commit, "dirty": dirty}
+
+
+def environment() -> dict:
+    """Versions of Python and the packages that change numbers, the platform and the CPU count.
+    Reads package metadata only (imports nothing)."""
+
+    def version(name):
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return None
+
+    env = {"python": platform.python_version()}
+    env.update({name: version(name) for name in
+                ("torch", "lightning", "torchmetrics", "wandb", "torch-fidelity", "numpy", "scipy")})
+    env.update(platform=platform.platform(), cpu_count=os.cpu_count())
+    return env
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Aggregation over seeds
+# ----------------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Stat:
+    """A metric over seeds: mean, standard deviation (ddof=1), 95% Student-t half-width, number of seeds."""
+    mean: float
+    std: float
+    ci95: float
+    n: int
+
+    def cell(self) -> str:
+        ci = "n/a" if math.isnan(self.ci95) else f"{self.ci95:.3g}"
+        return f"{self.mean:.4g} ± {ci} ({self.n})"
+
+
+def summarize(values: Iterable) -> Stat | None:
+    """Stat of the finite numbers in ``values`` (None, NaN and ±inf are left out); None if there are none."""
+    from scipy import stats
+
+    x = [float(v) for v in values
+         if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
+    n = len(x)
+    if n == 0:
+        return None
+    mean = math.fsum(x) / n
+    if n == 1:
+        return Stat(mean, math.nan, math.nan, 1)
+    if min(x) == max(x):  # exact: rounding in the mean would otherwise leave a ~1e-17 spread
+        return Stat(x[0], 0.0, 0.0, n)
+    std = math.sqrt(math.fsum((v - mean) ** 2 for v in x) / (n - 1))
+    return Stat(mean, std, float(stats.t.ppf(0.975, n - 1)) * std / math.sqrt(n), n)
+
+
+@dataclass
+class Group:
+    """The runs of one variant on one dataset in one study. ``stats`` cover finished runs only."""
+    study: str
+    dataset: str
+    variant: str
+    stats: dict[str, Stat] = field(default_factory=dict)
+    seeds: list = field(default_factory=list)
+    n_diverged: int = 0
+    n_failed: int = 0
+    n_running: int = 0
+    protocol: dict = field(default_factory=dict)  # shared by its finished runs (MIXED where they differ)
+    samples: str | None = None  # the sample grid of the finished run with the smallest seed
+
+
+def aggregate(records: Iterable[dict], metrics: Sequence[str] | None = None) -> list[Group]:
+    """Group records by (study, dataset, variant) and summarise each metric over the finished seeds.
+
+    Diverged and failed runs are counted, never averaged; running ones are counted apart. ``metrics``
+    restricts the summary to those keys (default: every key a finished record reports).
+    """
+    by_key: dict[tuple, list[dict]] = {}
+    for r in records:
+        key = (str(r.get("study")), str(r.get("dataset")), str(r.get("variant")))
+        by_key.setdefault(key, []).append(r)
+    groups = []
+    for (study, dataset, variant), rs in sorted(by_key.items()):
+        finished = sorted((r for r in rs if r.get("status") == "finished"), key=_seed_order)
+        g = Group(study, dataset, variant, seeds=[r.get("seed") for r in finished],
+                  n_diverged=sum(r.get("status") == "diverged" for r in rs),
+                  n_failed=sum(r.get("status") == "failed" for r in rs),
+                  n_running=sum(r.get("status") == "running" for r in rs),
+                  protocol=_common([r.get("protocol") or {} for r in finished]),
+                  samples=next((r["samples"] for r in finished if r.get("samples")), None))
+        names = metrics or sorted({k for r in finished for k in (r.get("metrics") or {})}, key=_metric_order)
+        for name in names:
+            stat = summarize((r.get("metrics") or {}).get(name) for r in finished)
+            if stat is not None:
+                g.stats[name] = stat
+        groups.append(g)
+    return groups
+
+
+def _seed_order(r):
+    seed = r.get("seed")
+    return (0, seed) if isinstance(seed, int) else (1, str(seed))
+
+
+def _metric_order(name: str):
+    order = list(K.HIGHER_IS_BETTER)
+    return (order.index(name), "") if name in order else (len(order), name)
+
+
+def _common(protocols: list[dict]) -> dict:
+    out = {}
+    for name in sorted({k for p in protocols for k in p}):
+        values = [p.get(name) for p in protocols]
+        out[name] = values[0] if all(v == values[0] for v in values) else MIXED
+    return out
+
+
+def primary_keys(groups: Sequence[Group]) -> tuple[str, ...] | None:
+    """The ranking family (see ``PRIMARY``) of a table: the first that any of its groups reports."""
+    return next((fam for fam in PRIMARY if any(k in g.stats for g in groups for k in fam)), None)
+
+
+def rank(groups: Sequence[Group]) -> list[Group]:
+    """Groups best first by the primary metric in its direction; groups without it go last."""
+    family = primary_keys(groups)
+    if family is None:
+        return list(groups)
+    sign = -1.0 if K.HIGHER_IS_BETTER.get(family[0]) else 1.0
+
+    def key(g):
+        stat = next((g.stats[k] for k in family if k in g.stats), None)
+        return (stat is None, sign * stat.mean if stat else 0.0, g.variant)
+
+    return sorted(groups, key=key)
+
+
+def _ranked(groups: Sequence[Group]) -> list[Group]:
+    return [g for table in _tables(groups).values() for g in table]
+
+
+def _tables(groups: Sequence[Group]) -> dict[tuple[str, str], list[Group]]:
+    tables: dict[tuple[str, str], list[Group]] = {}
+    for g in groups:
+        tables.setdefault((g.study, g.dataset), []).append(g)
+    return {k: rank(v) for k, v in tables.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Published values
+# ----------------------------------------------------------------------------------------------------------------
+
+def load_references(path: str | Path) -> list[dict]:
+    """The entries of a references YAML (see ``results/references.yaml``); bad files -> UsageError."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        entries = data["references"]
+        for e in entries:
+            for name in ("id", "dataset", "metric", "protocol", "values"):
+                if name not in e:
+                    raise KeyError(f"entry {e.get('id', '?')} lacks {name!r}")
+            if any("variant" not in v for v in e["values"]):
+                raise KeyError(f"a value of entry {e['id']} lacks 'variant'")
+    except (OSError, yaml.YAMLError, TypeError, KeyError) as e:
+        raise UsageError(f"cannot read references from {path} ({e}); fix the file or pass --references "
+                         "with a valid one") from e
+    return entries
+
+
+def protocol_differences(reference: dict, measured: dict, unchecked: Iterable[str] = ()) -> list[str]:
+    """Why a measured protocol does not match a reference's, one phrase per field ([] when it matches).
+    Only the reference's fields count, less ``unchecked`` and null ones (what the source does not state
+    for sure)."""
+    skip = set(unchecked)
+    out = []
+    for name, want in reference.items():
+        if name in skip or want is None:
+            continue
+        if name not in measured:
+            out.append(f"{name} not recorded (reference {want})")
+        elif measured[name] == MIXED:
+            out.append(f"{name} {MIXED}")
+        elif _canonical(measured[name]) != _canonical(want):
+            out.append(f"{name} {measured[name]} vs reference {want}")
+    return out
+
+
+def _canonical(v):
+    if isinstance(v, (list, tuple)):
+        return [_canonical(x) for x in v]
+    return v.lower() if isinstance(v, str) else v
+
+
+def reproduction_rows(groups: Sequence[Group], references: Sequence[dict]) -> list[dict]:
+    """One row per published value and matching (study, dataset, variant) group ("no runs" when the
+    dataset has runs but not that variant). Measured value and difference are filled only where the
+    protocol matches; otherwise ``why`` says which field differs."""
+    rows = []
+    for ref in references:
+        unchecked = ref.get("unsure", [])
+        for item in ref["values"]:
+            base = dict(reference_id=ref["id"], dataset=ref["dataset"], metric=ref["metric"],
+                        variant=item["variant"], label=item.get("label", item["variant"]),
+                        reference=item.get("value"), study=None, measured=None, difference=None, why="")
+            matches = [g for g in groups if g.dataset == ref["dataset"] and g.variant == item["variant"]]
+            if not matches and any(g.dataset == ref["dataset"] for g in groups):
+                rows.append({**base, "why": "no runs"})
+            for g in matches:
+                row = {**base, "study": g.study}
+                diffs = protocol_differences(ref["protocol"], g.protocol, unchecked)
+                if not g.seeds:
+                    row["why"] = "no finished runs"
+                elif diffs:
+                    row["why"] = "protocol differs: " + "; ".join(diffs)
+                elif ref["metric"] not in g.stats:
+                    row["why"] = f"{ref['metric']} not measured"
+                else:
+                    row["measured"] = g.stats[ref["metric"]]
+                    if row["reference"] is None:
+                        row["why"] = "no published value: " + item.get("note", "see references.yaml")
+                    else:
+                        row["difference"] = row["measured"].mean - row["reference"]
+                        if unchecked:
+                            row["why"] = "not checked: " + ", ".join(unchecked)
+                rows.append(row)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Outputs: markdown, CSV, plots
+# ----------------------------------------------------------------------------------------------------------------
+
+def _header(name: str) -> str:
+    return name + {True: " ↑", False: " ↓"}.get(K.HIGHER_IS_BETTER.get(name), "")
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def _number(x: float | None) -> str:
+    return "–" if x is None else f"{x:.4g}"
+
+
+def leaderboard_markdown(groups: Sequence[Group], references: Sequence[dict] = (), plots: Sequence[str] = (),
+                         n_records: int = 0) -> str:
+    lines = ["# Leaderboard", "",
+             f"Computed from {n_records} run records. Cells: mean ± 95% CI half-width (Student t) (n seeds); "
+             "↑ higher is better, ↓ lower is better. Diverged and failed runs are counted, not averaged.", ""]
+    for (study, dataset), table in _tables(groups).items():
+        family = primary_keys(table)
+        lines += [f"## {study} / {dataset}", ""]
+        if family:
+            lines += [f"Ranked by {family[0]}" + (f" ({', '.join(family[1:])} where it is missing)"
+                                                  if len(family) > 1 else "") + ".", ""]
+        present = sorted({k for g in table for k in g.stats}, key=_metric_order)
+        for title, cols in (("", [k for k in HEADLINE if k in present]),
+                            ("Latent space", [k for k in present if k not in HEADLINE])):
+            if not cols and title:
+                continue
+            if title:
+                lines += [f"{title}:", ""]
+            rows = [[str(i), g.variant, *[g.stats[k].cell() if k in g.stats else "–" for k in cols],
+                     str(g.n_diverged), str(g.n_failed)] for i, g in enumerate(table, 1)]
+            lines += _md_table(["rank", "variant", *map(_header, cols), "diverged", "failed"], rows) + [""]
+        running = sum(g.n_running for g in table)
+        if running:
+            lines += [f"{running} run(s) still running, not counted.", ""]
+    rows = reproduction_rows(groups, references)
+    if rows:
+        lines += ["## Reproduction of published values", "",
+                  "Measured and difference are shown only where the recorded protocol matches the source's.",
+                  ""]
+        cells = [[r["study"] or "–", f"{r['label']} ({r['variant']})", r["dataset"], _header(r["metric"]),
+                  r["measured"].cell() if r["measured"] else "–", _number(r["reference"]),
+                  _number(r["difference"]), r["reference_id"], r["why"]] for r in rows]
+        lines += _md_table(["study", "variant", "dataset", "metric", "measured", "reference", "difference",
+                            "source", "note"], cells) + [""]
+    for name in plots:
+        lines += [f"![{Path(name).stem}]({name})", ""]
+    return "\n".join(lines)
+
+
+def write_csv(groups: Sequence[Group], path: str | Path) -> Path:
+    """Long format: one row per (study, dataset, variant, metric); NaN written as an empty cell."""
+    out = io.StringIO()
+    w = csv.writer(out)
+    w.writerow(["study", "dataset", "variant", "metric", "mean", "std", "ci95", "n"])
+    for g in groups:
+        for name, s in g.stats.items():
+            w.writerow([g.study, g.dataset, g.variant, name,
+                        *["" if math.isnan(v) else repr(v) for v in (s.mean, s.std, s.ci95)], s.n])
+    _atomic_write(Path(path), out.getvalue())
+    return Path(path)
+
+
+def _label(g: Group, many: bool) -> str:
+    return f"{g.study}/{g.dataset}/{g.variant}" if many else g.variant
+
+
+def _save(fig, path: Path) -> Path:
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    return path
+
+
+def _errorbar(stat: Stat) -> float:
+    return 0.0 if math.isnan(stat.ci95) else stat.ci95
+
+
+def plot_fid_vs_elbo(groups: Sequence[Group], path: str | Path) -> Path | None:
+    """FID of prior samples against the ELBO (ex-post ELBO where the ELBO is missing), one panel per
+    (study, dataset), 95% CI bars. None if no group has both."""
+    from matplotlib.figure import Figure
+
+    panels = {}
+    for (study, dataset), table in _tables(groups).items():
+        pts = []
+        for g in table:
+            elbo_key = next((k for k in (K.ELBO, K.ELBO_EXPOST) if k in g.stats), None)
+            if K.FID_PRIOR in g.stats and elbo_key:
+                pts.append((g, elbo_key))
+        if pts:
+            panels[(study, dataset)] = pts
+    if not panels:
+        return None
+    fig = Figure(figsize=(5 * len(panels), 4), constrained_layout=True)
+    for ax, ((study, dataset), pts) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels.items()):
+        for g, elbo_key in pts:
+            x, y = g.stats[elbo_key], g.stats[K.FID_PRIOR]
+            hollow = elbo_key == K.ELBO_EXPOST
+            ax.errorbar(x.mean, y.mean, xerr=_errorbar(x), yerr=_errorbar(y), fmt="o", capsize=3,
+                        mfc="none" if hollow else None)
+            ax.annotate(g.variant, (x.mean, y.mean), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.set(title=f"{study} / {dataset}", xlabel="ELBO (nats; hollow: ex-post ELBO) →",
+               ylabel="FID of prior samples ↓")
+    return _save(fig, Path(path))
+
+
+def plot_gaussianity(groups: Sequence[Group], path: str | Path) -> Path | None:
+    """One panel per latent-Gaussianity metric, one point per group with its 95% CI; None if none is
+    recorded."""
+    from matplotlib.figure import Figure
+
+    groups = _ranked(groups)
+    names = [k for k in GAUSSIANITY_PANEL if any(k in g.stats for g in groups)]
+    if not names:
+        return None
+    many = len({(g.study, g.dataset) for g in groups}) > 1
+    cols = min(3, len(names))
+    rows = math.ceil(len(names) / cols)
+    fig = Figure(figsize=(5 * cols, 0.3 * len(groups) * rows + 2 * rows), constrained_layout=True)
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax, name in zip(axes, names):
+        gs = [g for g in groups if name in g.stats]
+        means = [g.stats[name].mean for g in gs]
+        ax.errorbar(means, range(len(gs)), xerr=[_errorbar(g.stats[name]) for g in gs], fmt="o", capsize=2)
+        ax.set_yticks(range(len(gs)), [_label(g, many) for g in gs])
+        ax.set_ylim(len(gs) - 0.5, -0.5)  # best-ranked variant on top
+        if name in LOG_SCALE and min(means) > 0 and max(means) >= 10 * min(means):
+            ax.set_xscale("log")
+        ax.set_title(_header(name))
+    for ax in axes[len(names):]:
+        ax.set_visible(False)
+    return _save(fig, Path(path))
+
+
+def plot_samples(groups: Sequence[Group], results_dir: str | Path, path: str | Path) -> Path | None:
+    """The prior-sample grid of each group's first seed side by side; None if no grid file exists."""
+    from matplotlib.figure import Figure
+    from matplotlib.image import imread
+
+    found = []
+    for g in _ranked(groups):
+        # A grid path is relative to its record's folder (runs/<study>/) or to RESULTS_DIR.
+        candidates = [Path(results_dir) / "runs" / g.study / g.samples, Path(results_dir) / g.samples] \
+            if g.samples else []
+        png = next((p for p in candidates if p.is_file()), None)
+        if png is not None:
+            found.append((g, png))
+    if not found:
+        return None
+    many = len({(g.study, g.dataset) for g, _ in found}) > 1
+    cols = min(4, len(found))
+    rows = math.ceil(len(found) / cols)
+    fig = Figure(figsize=(3 * cols, 3.3 * rows), constrained_layout=True)
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax, (g, png) in zip(axes, found):
+        ax.imshow(imread(png), cmap="gray")
+        ax.set_title(_label(g, many), fontsize=9)
+    for ax in axes:
+        ax.axis("off")
+    return _save(fig, Path(path))
+
+
+def write_leaderboard(results_dir: str | Path, references: str | Path | None = None) -> Path:
+    """Write ``leaderboard.md``, ``leaderboard.csv`` and the plots into ``results_dir``; returns the .md."""
+    root = Path(results_dir)
+    if not root.is_dir():
+        raise UsageError(f"results directory {root} does not exist; pass the folder that holds "
+                         "runs/<study>/*.json (default: results)")
+    records = load_records(root)
+    if not records:
+        raise UsageError(f"no run records under {root / 'runs'}; run a study first "
+                         "(latent-bench run STUDY.yaml) or pass the right RESULTS_DIR")
+    refs_path = Path(references) if references else root / "references.yaml"
+    if references and not refs_path.is_file():
+        raise UsageError(f"references file {refs_path} does not exist; fix --references or drop it")
+    refs = load_references(refs_path) if refs_path.is_file() else []
+    groups = aggregate(records)
+    plots = []
+    for name, make in (("fid_vs_elbo.png", lambda p: plot_fid_vs_elbo(groups, p)),
+                       ("gaussianity.png", lambda p: plot_gaussianity(groups, p)),
+                       ("samples.png", lambda p: plot_samples(groups, root, p))):
+        if make(root / name):
+            plots.append(name)
+        else:
+            (root / name).unlink(missing_ok=True)  # never leave a plot of records that are gone
+    write_csv(groups, root / "leaderboard.csv")
+    md = root / "leaderboard.md"
+    _atomic_write(md, leaderboard_markdown(groups, refs, plots, n_records=len(records)))
+    return md
+
+
+def leaderboard_main(argv: Sequence[str] | None = None) -> Path:
+    """``latent-bench leaderboard [RESULTS_DIR] [--references FILE]``: prints and returns the .md path."""
+    parser = argparse.ArgumentParser(prog="latent-bench leaderboard",
+                                     description="Tables and plots from the run records in RESULTS_DIR.")
+    parser.add_argument("results_dir", nargs="?", default="results", metavar="RESULTS_DIR")
+    parser.add_argument("--references", default=None,
+                        help="published values to compare with (default: RESULTS_DIR/references.yaml)")
+    args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
+    md = write_leaderboard(args.results_dir, args.references)
+    print(md)
+    return md

@@ -1,0 +1,172 @@
+"""One run of a study: build from configs, train (resuming from the last checkpoint), evaluate, record.
+
+A run leaves exactly one JSON record under ``results/runs/<study>/<run>.json``; checkpoints and W&B files
+live in a work folder outside ``results`` (``runs/`` by default, ignored by git).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from benchmark.callbacks import Diverged, DivergenceGuard, RNGState
+from benchmark.errors import UsageError
+from benchmark.evaluation import EvaluationConfig, evaluate
+
+
+@dataclass
+class RunSpec:
+    """Everything a run needs, small enough to travel to a worker process as JSON."""
+
+    study: str
+    name: str                       # e.g. "digits-vae-s0"
+    dataset: str                    # dataset key of the study (the data config's name)
+    variant: str                    # variant key (the model config's name)
+    seed: int
+    config_files: list[str]         # trainer, model, data YAMLs, in that order
+    overrides: dict[str, Any] = field(default_factory=dict)   # dotted keys, e.g. {"trainer.max_epochs": 5}
+    evaluation: dict[str, Any] = field(default_factory=dict)  # EvaluationConfig fields
+    results_dir: str = "results"
+    work_dir: str = "runs"
+    wandb: str = "offline"          # online | offline | disabled
+
+    @property
+    def record_path(self) -> Path:
+        return Path(self.results_dir) / "runs" / self.study / f"{self.name}.json"
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.work_dir) / self.study / self.name
+
+    def cli_args(self) -> list[str]:
+        args = []
+        for f in self.config_files:
+            args += ["--config", f]
+        for k, v in {**self.overrides, "seed_everything": self.seed}.items():
+            args += [f"--{k}", v if isinstance(v, str) else json.dumps(v)]
+        return args
+
+
+def _device_name(trainer) -> str:
+    root = trainer.strategy.root_device
+    name = torch.cuda.get_device_name(root) if root.type == "cuda" else "cpu"
+    return f"{name} x{trainer.world_size}" if trainer.world_size > 1 else name
+
+
+def _logger(spec: RunSpec, config: dict):
+    if spec.wandb == "disabled":
+        return False
+    from lightning.pytorch.loggers import WandbLogger
+
+    spec.run_dir.mkdir(parents=True, exist_ok=True)
+    return WandbLogger(project=os.environ.get("WANDB_PROJECT", "latent-bench"), group=spec.study,
+                       name=spec.name, id=f"{spec.study}-{spec.name}".replace("/", "-"), resume="allow",
+                       save_dir=str(spec.run_dir), mode=spec.wandb, config=config)
+
+
+def train_and_evaluate(spec: RunSpec) -> dict:
+    """Train (or resume) and evaluate one run; write and return its record. Never raises for a run that
+    fails or diverges: that is recorded as such, so a study goes on."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from benchmark.cli import build_cli
+    from benchmark.records import code_version, environment, read_record, write_record
+
+    if spec.record_path.exists() and read_record(spec.record_path).get("status") == "finished":
+        return read_record(spec.record_path)
+    cli = build_cli(spec.cli_args(), run=False, save_config_callback=None)  # UsageError propagates: bad input stops the study
+    model, data = cli.model, cli.datamodule
+    config = json.loads(json.dumps(cli.config.as_dict(), default=str))
+    eval_cfg = EvaluationConfig(**{"seed": spec.seed, **spec.evaluation})
+    logger = _logger(spec, config)
+    ckpt_dir = spec.run_dir / "checkpoints"
+    callbacks = [ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0), RNGState(), DivergenceGuard()]
+
+    def make_trainer(**overrides):
+        kw = {"logger": False, "callbacks": [], "enable_checkpointing": False, "enable_progress_bar": False,
+              **overrides}
+        return cli.instantiate_trainer(**kw)
+
+    record = {"study": spec.study, "run": spec.name, "dataset": spec.dataset, "variant": spec.variant,
+              "seed": spec.seed, "status": "running", "reason": None, "diverged_step": None,
+              "config": config, "code": code_version(), "env": environment(), "device": None,
+              "timings": {}, "metrics": {}, "protocol": {}, "samples": None,
+              "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    trainer = cli.instantiate_trainer(logger=logger, callbacks=callbacks)
+    record["device"] = _device_name(trainer)
+    last = ckpt_dir / "last.ckpt"
+    resumed = last.exists()
+    try:
+        start = time.perf_counter()
+        trainer.fit(model, datamodule=data, ckpt_path=str(last) if resumed else None)
+        train_s = time.perf_counter() - start
+        images = len(data.splits["train"]) * trainer.current_epoch if data.splits else 0
+        record["timings"] = {"train_s": train_s, "train_images_per_s": images / train_s if train_s else None,
+                             "epochs": trainer.current_epoch, "resumed": resumed}
+        start = time.perf_counter()
+        out = evaluate(model, data, eval_cfg, make_trainer)
+        record["timings"]["evaluate_s"] = time.perf_counter() - start
+        record.update(status="finished", metrics=out["metrics"], protocol=_protocol(model, data, trainer, out))
+    except Diverged as e:
+        record.update(status="diverged", reason=str(e), diverged_step=e.step)
+    except UsageError:
+        raise
+    except Exception as e:  # a failed run is recorded with its reason; the study goes on
+        record.update(status="failed", reason=f"{type(e).__name__}: {e}")
+        traceback.print_exc()
+    if trainer.global_rank == 0:
+        record["samples"] = _save_samples(model, spec) if record["status"] == "finished" else None
+        write_record(spec.record_path, record)
+        _log_to_wandb(logger, record, spec)
+    return record
+
+
+def _protocol(model, data, trainer, out) -> dict:
+    hp = model.hparams
+    return {**out["protocol"], "likelihood": hp.likelihood, "binarize": data.hparams.binarize,
+            "network": hp.network, "hidden": list(hp.hidden), "latent_dim": hp.latent_dim,
+            "image_size": data.shape[-1],
+            "epochs": trainer.current_epoch, "batch_size": data.hparams.batch_size,
+            "fid_samples": out["protocol"]["fid_samples"], "iw_samples": out["protocol"]["iw_samples"]}
+
+
+def _save_samples(model, spec: RunSpec, n: int = 64) -> Optional[str]:
+    """A grid of prior samples next to the record (PNG), for the report's sample panel."""
+    from torchvision.utils import save_image
+
+    path = spec.record_path.with_suffix(".png")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    images = model.sample(n, generator=torch.Generator(device=model.device).manual_seed(spec.seed)).cpu()
+    save_image(images, path, nrow=8, padding=1)
+    return path.name
+
+
+def _log_to_wandb(logger, record: dict, spec: RunSpec):
+    if not logger:
+        return
+    import wandb
+
+    run = logger.experiment
+    run.summary.update({f"final/{k}": v for k, v in record["metrics"].items() if v is not None})
+    run.summary.update({"status": record["status"], **{f"timings/{k}": v for k, v in record["timings"].items()}})
+    if record["samples"]:
+        run.log({"samples/prior": wandb.Image(str(spec.record_path.with_suffix(".png")))})
+    artifact = wandb.Artifact(f"record-{spec.study}-{spec.name}".replace("/", "-"), type="run-record")
+    artifact.add_file(str(spec.record_path))
+    run.log_artifact(artifact)
+    run.finish()
+
+
+def evaluate_checkpoint_main(argv: list[str]):
+    """``latent-bench evaluate CKPT``: re-evaluate a checkpoint of a run and rewrite its record's metrics."""
+    if len(argv) != 1 or not Path(argv[0]).is_file():
+        raise UsageError("usage: latent-bench evaluate CKPT (a checkpoint file written by a run)")
+    raise UsageError("not yet")

@@ -1,0 +1,287 @@
+"""Studies: datasets x variants x seeds (x overrides), run where the user has compute, resumable.
+
+A study YAML names configs by key::
+
+    name: quick
+    trainer: cpu                        # configs/trainer/cpu.yaml
+    datasets: [digits]                  # configs/data/<key>.yaml
+    variants: [ae, vae, no_info]        # configs/model/<key>.yaml
+    seeds: [0, 1]
+    overrides: {trainer.max_epochs: 20} # dotted keys, applied to every run
+    variant_overrides: {vae: {model.init_args.weight: 0.5}}
+    evaluation: {iw_samples: 100, fid_samples: 1000}
+
+``configs`` (default: the folder above the study's own) says where the keyed YAMLs live. A run whose record
+is finished is skipped; an interrupted one resumes from its last checkpoint. Runs go one after another in
+this process, side by side in worker processes (``--devices``: one per GPU, or N CPU workers), or to a
+cluster through submitit (``--executor slurm``; ``submitit-local`` runs the same path on this machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import yaml
+
+from benchmark.errors import UsageError
+from benchmark.runner import RunSpec
+
+STUDY_FIELDS = {"name", "configs", "trainer", "datasets", "variants", "seeds", "overrides", "variant_overrides",
+                "evaluation"}
+
+
+def load_study(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"study file {path} does not exist; pass a YAML such as configs/studies/quick.yaml")
+    try:
+        study = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UsageError(f"{path} is not valid YAML ({str(e).splitlines()[0]}); fix the file") from e
+    unknown = set(study) - STUDY_FIELDS
+    if unknown:
+        raise UsageError(f"{path}: unknown field(s) {sorted(unknown)}; a study has {sorted(STUDY_FIELDS)}")
+    for key in ("datasets", "variants", "seeds"):
+        if not study.get(key) or not isinstance(study[key], list):
+            raise UsageError(f"{path}: '{key}' must be a non-empty list")
+    study.setdefault("name", path.stem)
+    study["configs"] = str((path.parent / study["configs"]) if "configs" in study else path.parent.parent)
+    return study
+
+
+def _keyed(configs: Path, kind: str, key: str) -> str:
+    f = configs / kind / f"{key}.yaml"
+    if not f.is_file():
+        known = sorted(p.stem for p in (configs / kind).glob("*.yaml"))
+        raise UsageError(f"unknown {kind[:-1] if kind != 'data' else 'dataset'} {key!r}; choose one of {known} "
+                         f"(or add {f})")
+    return str(f)
+
+
+def expand(study: dict, results_dir="results", work_dir="runs", wandb="offline", overrides=None) -> list[RunSpec]:
+    """The study's runs, in a stable order: dataset, then variant, then seed."""
+    configs = Path(study["configs"])
+    trainer = _keyed(configs, "trainer", study.get("trainer", "cpu"))
+    specs = []
+    for dataset in study["datasets"]:
+        data = _keyed(configs, "data", dataset)
+        for variant in study["variants"]:
+            model = _keyed(configs, "model", variant)
+            for seed in study["seeds"]:
+                specs.append(RunSpec(
+                    study=study["name"], name=f"{dataset}-{variant}-s{seed}", dataset=dataset, variant=variant,
+                    seed=int(seed), config_files=[trainer, model, data],
+                    overrides={**study.get("overrides", {}), **study.get("variant_overrides", {}).get(variant, {}),
+                               **(overrides or {})},
+                    evaluation=study.get("evaluation", {}), results_dir=str(results_dir),
+                    work_dir=str(work_dir), wandb=wandb))
+    return specs
+
+
+def _parse_devices(devices: str | None) -> list[str] | None:
+    """'auto' -> every GPU (else every CPU core); '0,1' -> those GPUs; 'N' (no GPU) -> N CPU workers."""
+    if devices is None:
+        return None
+    import torch
+
+    n_gpu = torch.cuda.device_count()
+    if devices == "auto":
+        return [str(i) for i in range(n_gpu)] if n_gpu else ["cpu"] * (os.cpu_count() or 1)
+    parts = [p.strip() for p in devices.split(",") if p.strip()]
+    if not parts or not all(p.isdigit() for p in parts):
+        raise UsageError(f"--devices {devices!r}: give 'auto', a GPU list such as 0,1, or a worker count")
+    if n_gpu:
+        bad = [p for p in parts if int(p) >= n_gpu]
+        if bad:
+            raise UsageError(f"--devices {devices}: no GPU {bad[0]} (this machine has {n_gpu}); fix the list")
+        return parts
+    if len(parts) == 1:
+        return ["cpu"] * int(parts[0])
+    return ["cpu"] * len(parts)
+
+
+class Progress:
+    """One line per event: runs done / running / failed, what just happened."""
+
+    def __init__(self, total: int):
+        self.total, self.done, self.failed, self.running, self.skipped = total, 0, 0, 0, 0
+        self.start = time.perf_counter()
+
+    def event(self, name: str, what: str):
+        print(f"[{time.perf_counter() - self.start:7.1f}s | done {self.done}/{self.total} running {self.running} "
+              f"failed {self.failed} skipped {self.skipped}] {name}: {what}", flush=True)
+
+    def finish(self, name: str, record: dict):
+        self.done += 1
+        self.failed += record.get("status") != "finished"
+        took = record.get("timings", {}).get("train_s")
+        self.event(name, record["status"] + (f" ({took:.1f} s training)" if took else "")
+                   + (f": {record['reason']}" if record.get("reason") else ""))
+
+
+def _finished(spec: RunSpec) -> bool:
+    from benchmark.records import read_record
+
+    try:
+        return spec.record_path.exists() and read_record(spec.record_path).get("status") == "finished"
+    except ValueError:
+        return False
+
+
+def run_sequential(specs: list[RunSpec], progress: Progress):
+    from benchmark.runner import train_and_evaluate
+
+    for spec in specs:
+        progress.running = 1
+        progress.event(spec.name, "started")
+        record = train_and_evaluate(spec)
+        progress.running = 0
+        progress.finish(spec.name, record)
+
+
+def run_workers(specs: list[RunSpec], slots: list[str], progress: Progress):
+    """Side by side: each run in its own process, pinned to one device slot (a GPU index, or a share of
+    the CPU cores); as many at once as there are slots."""
+    cpu_slots = slots.count("cpu")
+    threads = max(1, (os.cpu_count() or 1) // max(cpu_slots, 1))
+    pending, active = list(specs), {}  # slot index -> (process, spec, log file)
+    while pending or active:
+        for i, slot in enumerate(slots):
+            if i not in active and pending:
+                spec = pending.pop(0)
+                env = {**os.environ, "OMP_NUM_THREADS": str(threads), "LATENT_BENCH_THREADS": str(threads)}
+                if slot != "cpu":
+                    env["CUDA_VISIBLE_DEVICES"] = slot
+                spec.run_dir.mkdir(parents=True, exist_ok=True)
+                log = open(spec.run_dir / "log.txt", "a")
+                proc = subprocess.Popen([sys.executable, "-m", "benchmark.study", "--worker",
+                                         json.dumps(asdict(spec))], env=env, stdout=log, stderr=subprocess.STDOUT)
+                active[i] = (proc, spec, log)
+                progress.running = len(active)
+                progress.event(spec.name, f"started on {'cpu' if slot == 'cpu' else 'cuda:' + slot}")
+        time.sleep(0.2)
+        for i, (proc, spec, log) in list(active.items()):
+            if proc.poll() is None:
+                continue
+            log.close()
+            del active[i]
+            progress.running = len(active)
+            from benchmark.records import read_record
+            if spec.record_path.exists():
+                progress.finish(spec.name, read_record(spec.record_path))
+            else:
+                progress.finish(spec.name, {"status": "failed",
+                                            "reason": f"worker exited with {proc.returncode}; see {log.name}"})
+
+
+def run_submitit(specs: list[RunSpec], cluster: str, work_dir: str, progress: Progress, slurm: dict):
+    """Many runs as one job array through submitit (SLURM, or its local executor on this machine)."""
+    import submitit
+
+    from benchmark.runner import train_and_evaluate
+
+    executor = submitit.AutoExecutor(folder=str(Path(work_dir) / "submitit"), cluster=cluster)
+    executor.update_parameters(timeout_min=int(slurm.get("timeout_min", 240)), **{
+        k: v for k, v in slurm.items() if k != "timeout_min"})
+    jobs = executor.map_array(train_and_evaluate, specs)
+    progress.running = len(jobs)
+    progress.event("submitit", f"{len(jobs)} jobs submitted ({cluster})")
+    for spec, job in zip(specs, jobs):
+        try:
+            record = job.result()
+        except Exception as e:  # a job that died: the run is recorded as failed by nobody else
+            record = {"status": "failed", "reason": f"{type(e).__name__}: {str(e).splitlines()[0]}"}
+        progress.running -= 1
+        progress.finish(spec.name, record)
+
+
+def _set_threads():
+    n = os.environ.get("LATENT_BENCH_THREADS")
+    if n:
+        import torch
+
+        torch.set_num_threads(int(n))
+
+
+def main(argv: list[str]):
+    parser = argparse.ArgumentParser(prog="latent-bench run", description=__doc__.split("\n\n")[0])
+    parser.add_argument("study", help="a study YAML, e.g. configs/studies/quick.yaml")
+    parser.add_argument("--devices", default=None,
+                        help="run side by side: 'auto', GPU indices '0,1', or a number of CPU workers")
+    parser.add_argument("--executor", default="local", choices=["local", "submitit-local", "slurm"])
+    parser.add_argument("--slurm", default="{}", help="submitit parameters as JSON, e.g. '{\"gpus_per_node\": 1}'")
+    parser.add_argument("--wandb", default=None, choices=["online", "offline", "disabled"],
+                        help="default: online with WANDB_API_KEY set, else offline")
+    parser.add_argument("--results", default="results", help="where run records and the leaderboard go")
+    parser.add_argument("--work-dir", default="runs", help="checkpoints and W&B files (not results)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override for every run, e.g. --set trainer.max_epochs=2")
+    args = parser.parse_args(argv)
+    overrides = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UsageError(f"--set {item!r}: write KEY=VALUE, e.g. trainer.max_epochs=2")
+        overrides[key] = yaml.safe_load(value)
+    wandb = args.wandb or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+    study = load_study(args.study)
+    specs = expand(study, args.results, args.work_dir, wandb, overrides)
+    progress = Progress(len(specs))
+    todo = []
+    for spec in specs:
+        if _finished(spec):
+            progress.skipped += 1
+            progress.done += 1
+        else:
+            todo.append(spec)
+    progress.event(study["name"], f"{len(specs)} runs, {progress.skipped} already finished")
+    slots = _parse_devices(args.devices)
+    if args.executor != "local":
+        run_submitit(todo, "local" if args.executor == "submitit-local" else "slurm", args.work_dir, progress,
+                     json.loads(args.slurm))
+    elif slots and len(slots) > 1:
+        run_workers(todo, slots, progress)
+    else:
+        run_sequential(todo, progress)
+    from benchmark.records import write_leaderboard
+
+    md = write_leaderboard(args.results)
+    progress.event(study["name"], f"leaderboard written to {md}")
+    _log_leaderboard(study["name"], Path(args.results), args.work_dir, wandb)
+    return 0 if progress.failed == 0 else 1
+
+
+def _log_leaderboard(study: str, results: Path, work_dir: str, mode: str):
+    """The study's leaderboard as a ``wandb.Table`` in the study's W&B group."""
+    if mode == "disabled" or not (results / "leaderboard.csv").is_file():
+        return
+    import csv
+
+    import wandb
+
+    rows = list(csv.reader((results / "leaderboard.csv").open()))
+    Path(work_dir, study).mkdir(parents=True, exist_ok=True)
+    run = wandb.init(project=os.environ.get("WANDB_PROJECT", "latent-bench"), group=study, name=f"{study}-leaderboard",
+                     job_type="leaderboard", dir=str(Path(work_dir, study)), mode=mode, reinit="create_new")
+    run.log({"leaderboard": wandb.Table(columns=rows[0], data=rows[1:])})
+    run.finish()
+
+
+def _worker(spec_json: str):
+    from benchmark.runner import train_and_evaluate
+
+    _set_threads()
+    record = train_and_evaluate(RunSpec(**json.loads(spec_json)))
+    sys.exit(0 if record["status"] == "finished" else 1)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
+        _worker(sys.argv[2])

@@ -1,0 +1,265 @@
+"""Run records and the leaderboard: atomic writes, the finished-record guard, statistics over seeds,
+ranking direction, failure counting, the outputs, and the protocol-gated comparison with published values."""
+
+import csv
+import json
+import math
+import multiprocessing as mp
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from scipy import stats
+
+from benchmark.errors import UsageError
+from benchmark.metrics import keys as K
+from benchmark.records import (FinishedRecordError, aggregate, code_version, environment, leaderboard_main,
+                               load_records, rank, read_record, reproduction_rows, summarize, write_record)
+
+CODE = {"commit": "0" * 40, "dirty": False}
+PROTOCOL = {"fid_extractor": "domain", "fid_samples": 1000, "fid_reference": "test", "iw_samples": 100,
+            "likelihood": "bernoulli", "binarize": "dynamic", "network": "mlp", "latent_dim": 8, "epochs": 5}
+
+
+def record(variant="vae", seed=0, status="finished", study="s", dataset="digits", protocol=None, **metrics):
+    return {"study": study, "run": f"{dataset}-{variant}-s{seed}", "dataset": dataset, "variant": variant,
+            "seed": seed, "status": status, "reason": None if status == "finished" else "loss is nan",
+            "diverged_step": 7 if status == "diverged" else None, "config": {}, "code": CODE,
+            "env": {}, "device": "cpu", "timings": {"train_s": 1.0}, "metrics": metrics,
+            "protocol": dict(PROTOCOL if protocol is None else protocol), "samples": None,
+            "created": "2025-01-01T00:00:00"}
+
+
+def write_all(root: Path, records):
+    for r in records:
+        write_record(root / "runs" / r["study"] / f"{r['run']}.json", r)
+
+
+# --- writing and reading -------------------------------------------------------------------------------------
+
+def test_round_trip_keeps_non_finite_metrics(tmp_path):
+    r = record(elbo=-math.inf, fid_prior=np.float32(3.5))
+    path = write_record(tmp_path / "a" / "r.json", r)
+    back = read_record(path)
+    assert back["metrics"]["elbo"] == -math.inf and back["metrics"]["fid_prior"] == 3.5
+    assert [p.name for p in path.parent.iterdir() if p.suffix == ".tmp"] == []
+
+
+def _hammer(folder: str, worker: int, n: int):
+    blob = "x" * 200_000  # large enough that a non-atomic write would be seen half-done
+    for i in range(n):
+        r = record(seed=worker, status="running")
+        r["config"] = {"blob": blob, "worker": worker, "i": i}
+        write_record(Path(folder) / "shared.json", r)
+        write_record(Path(folder) / f"own-{worker}.json", r)
+
+
+def test_concurrent_writers_never_leave_a_partial_file(tmp_path):
+    write_record(tmp_path / "shared.json", record(status="running"))
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_hammer, args=(str(tmp_path), w, 15)) for w in range(3)]
+    threads = [threading.Thread(target=_hammer, args=(str(tmp_path), w, 15)) for w in range(3, 6)]
+    for t in procs + threads:
+        t.start()
+    reads = 0
+    while any(p.is_alive() for p in procs) or any(t.is_alive() for t in threads):
+        read_record(tmp_path / "shared.json")  # raises if it ever sees a half-written file
+        reads += 1
+    for t in procs + threads:
+        t.join()
+    assert all(p.exitcode == 0 for p in procs) and reads > 0
+    for path in tmp_path.glob("*.json"):
+        assert read_record(path)["config"]["i"] == 14
+    assert list(tmp_path.glob("*.tmp")) == []
+
+
+def test_write_refuses_what_is_not_a_record(tmp_path):
+    with pytest.raises(ValueError, match="status"):
+        write_record(tmp_path / "r.json", {**record(), "status": "done"})
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_finished_record_is_never_overwritten(tmp_path):
+    path = tmp_path / "r.json"
+    write_record(path, record(status="running"))
+    write_record(path, record(status="finished", elbo=-90.0))
+    with pytest.raises(FinishedRecordError, match="finished"):
+        write_record(path, record(status="running"))
+    assert read_record(path)["metrics"]["elbo"] == -90.0
+    write_record(path, record(status="finished", elbo=-80.0), overwrite=True)
+    assert read_record(path)["metrics"]["elbo"] == -80.0
+
+
+def test_racing_finished_writers_keep_exactly_one(tmp_path):
+    path, outcomes = tmp_path / "r.json", []
+
+    def finish(i):
+        try:
+            write_record(path, record(status="finished", elbo=float(i)))
+            outcomes.append(i)
+        except FinishedRecordError:
+            pass
+
+    threads = [threading.Thread(target=finish, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(outcomes) == 1 and read_record(path)["metrics"]["elbo"] == outcomes[0]
+
+
+def test_load_records_skips_unreadable_files(tmp_path):
+    write_all(tmp_path, [record(seed=0), record(seed=1)])
+    (tmp_path / "runs" / "s" / "broken.json").write_text('{"study": "s", "run"')
+    (tmp_path / "runs" / "s" / "other.json").write_text('{"not": "a record"}')
+    with pytest.warns(UserWarning, match="skipping unreadable record"):
+        records = load_records(tmp_path)
+    assert sorted(r["seed"] for r in records) == [0, 1]
+
+
+def test_code_version_and_environment(tmp_path):
+    assert code_version(tmp_path) == {"commit": None, "dirty": None}  # not a git repository
+    env = environment()
+    assert env["python"] and env["torch"] and env["cpu_count"] >= 1
+
+
+# --- statistics and ranking ----------------------------------------------------------------------------------
+
+def test_summary_matches_a_hand_computation():
+    x = np.array([1.0, 2.0, 3.0])
+    s = summarize(x.tolist())
+    half = stats.t.ppf(0.975, 2) * x.std(ddof=1) / math.sqrt(3)
+    assert (s.mean, s.n) == (2.0, 3)
+    assert s.std == pytest.approx(1.0) and s.ci95 == pytest.approx(half)
+    assert s.ci95 == pytest.approx(2.4842, abs=1e-4)  # 4.3027 / sqrt(3)
+    one = summarize([5.0, None, math.nan, -math.inf])
+    assert one.n == 1 and one.mean == 5.0 and math.isnan(one.ci95) and "n/a (1)" in one.cell()
+    assert summarize([None]) is None
+
+
+def test_aggregate_groups_and_counts_failures_apart():
+    records = [record("vae", 0, elbo=-90.0), record("vae", 1, elbo=-92.0), record("vae", 2, elbo=-94.0),
+               record("vae", 3, status="diverged", elbo=-1e9), record("vae", 4, status="failed"),
+               record("vae", 5, status="running"), record("ae", 0, elbo=-100.0)]
+    g = {g.variant: g for g in aggregate(records)}
+    assert g["vae"].stats["elbo"].mean == -92.0 and g["vae"].stats["elbo"].n == 3
+    assert (g["vae"].n_diverged, g["vae"].n_failed, g["vae"].n_running) == (1, 1, 1)
+    assert g["vae"].seeds == [0, 1, 2] and g["ae"].stats["elbo"].n == 1
+    assert list(aggregate(records, metrics=["rate"])[0].stats) == []
+
+
+def test_ranking_follows_the_metric_direction():
+    fid = aggregate([record("a", fid_prior=30.0, elbo=-80.0), record("b", fid_prior=10.0, elbo=-95.0),
+                     record("c", elbo=-70.0)])
+    assert [g.variant for g in rank(fid)] == ["b", "a", "c"]  # lower FID first; no FID last
+    elbo = aggregate([record("a", elbo=-95.0), record("b", elbo=-80.0),
+                      record("c", elbo=-math.inf, elbo_expost=-85.0)])
+    assert [g.variant for g in rank(elbo)] == ["b", "c", "a"]  # higher ELBO first, ex-post where missing
+
+
+# --- the leaderboard -----------------------------------------------------------------------------------------
+
+def test_leaderboard_writes_markdown_csv_and_plots(tmp_path, capsys):
+    from matplotlib.image import imsave
+
+    (tmp_path / "runs" / "s").mkdir(parents=True)
+    imsave(tmp_path / "runs" / "s" / "grid.png", np.random.default_rng(0).random((16, 16)), cmap="gray")
+    records = []
+    for v, (fid, elbo) in {"vae": (20.0, -90.0), "ae": (40.0, None), "wae_mmd": (15.0, -100.0)}.items():
+        for seed in range(3):
+            m = {"fid_prior": fid + seed, "gauss_kl": 0.1 * (seed + 1), "gauss_mmd": 1e-3, "ks_frac": 0.5,
+                 "elbo": elbo + seed if elbo else -math.inf}
+            if elbo is None:
+                m["elbo_expost"] = -120.0 + seed
+            r = record(v, seed, **m)
+            r["samples"] = "grid.png"
+            records.append(r)
+    records.append(record("vae", 9, status="diverged"))
+    write_all(tmp_path, records)
+
+    md = leaderboard_main([str(tmp_path)])
+    assert md == tmp_path / "leaderboard.md" and str(md) in capsys.readouterr().out
+    text = md.read_text()
+    assert "fid_prior ↓" in text and "elbo ↑" in text and "Ranked by fid_prior" in text
+    rows = [line for line in text.splitlines() if line.startswith("| 1 |") or line.startswith("| 2 |")]
+    assert "wae_mmd" in rows[0] and "16 ± " in rows[0] and "(3)" in rows[0]
+    vae_row = next(line for line in text.splitlines() if line.startswith("| 2 | vae |"))
+    assert vae_row.rstrip(" |").endswith("| 1 | 0")  # one diverged run counted, not averaged
+    with open(tmp_path / "leaderboard.csv") as f:
+        rows = list(csv.DictReader(f))
+    fid = next(r for r in rows if r["variant"] == "vae" and r["metric"] == "fid_prior")
+    assert float(fid["mean"]) == 21.0 and int(fid["n"]) == 3
+    assert float(fid["ci95"]) == pytest.approx(stats.t.ppf(0.975, 2) * 1.0 / math.sqrt(3))
+    for name in ("fid_vs_elbo.png", "gaussianity.png", "samples.png"):
+        assert (tmp_path / name).stat().st_size > 1000 and f"]({name})" in text
+
+
+def test_leaderboard_skips_plots_it_has_no_data_for(tmp_path):
+    write_all(tmp_path, [record("vae", s, elbo=-90.0 - s) for s in range(2)])
+    (tmp_path / "samples.png").write_bytes(b"stale")
+    leaderboard_main([str(tmp_path)])
+    assert not any((tmp_path / n).exists() for n in ("fid_vs_elbo.png", "gaussianity.png", "samples.png"))
+    assert "Ranked by elbo" in (tmp_path / "leaderboard.md").read_text()
+
+
+def _references(path: Path, protocol: dict, unsure=()):
+    path.write_text(yaml.safe_dump({"references": [{
+        "id": "paper-t1", "dataset": "digits", "metric": "fid_prior", "source": {"paper": "P"},
+        "protocol": protocol, "unsure": list(unsure),
+        "values": [{"variant": "vae", "label": "VAE", "value": 18.0},
+                   {"variant": "ae", "label": "AE", "value": None, "note": "not in the table"},
+                   {"variant": "rae", "label": "RAE", "value": 9.0}]}]}))
+    return path
+
+
+def test_reference_compared_only_where_the_protocol_matches(tmp_path):
+    ref = {"fid_extractor": "domain", "latent_dim": 8, "epochs": 5}
+    records = [record("vae", s, study="same", fid_prior=20.0 + s) for s in range(2)]
+    records += [record("vae", s, study="other", protocol={**PROTOCOL, "latent_dim": 16}, fid_prior=30.0)
+                for s in range(2)]
+    records += [record("ae", 0, study="same", fid_prior=50.0)]
+    write_all(tmp_path, records)
+    _references(tmp_path / "references.yaml", ref)
+    text = leaderboard_main([str(tmp_path)]).read_text()
+    section = text.split("## Reproduction of published values")[1]
+    same = next(line for line in section.splitlines() if line.startswith("| same | VAE"))
+    other = next(line for line in section.splitlines() if line.startswith("| other | VAE"))
+    assert "20.5 ± " in same and "| 18 | 2.5 |" in same
+    assert "latent_dim 16 vs reference 8" in other and "30" not in other.split("|")[5]
+    assert "| – | 18 | – |" in other
+    ae = next(line for line in section.splitlines() if "AE (ae)" in line)
+    assert "not in the table" in ae
+    assert "no runs" in next(line for line in section.splitlines() if "RAE (rae)" in line)
+
+
+def test_reproduction_rows_report_missing_and_unsure_fields(tmp_path):
+    groups = aggregate([record("vae", 0, protocol={"latent_dim": 8}, fid_prior=20.0)])
+    refs = yaml.safe_load(_references(tmp_path / "r.yaml", {"latent_dim": 8, "image_size": 32}).read_text())
+    row = reproduction_rows(groups, refs["references"])[0]
+    assert row["measured"] is None
+    assert row["why"] == "protocol differs: image_size not recorded (reference 32)"
+    refs["references"][0]["unsure"] = ["image_size"]
+    row = reproduction_rows(groups, refs["references"])[0]
+    assert row["difference"] == 2.0 and row["why"] == "not checked: image_size"
+
+
+def test_bundled_references_are_well_formed():
+    from benchmark.records import load_references
+
+    root = Path(__file__).resolve().parents[1]
+    entries = load_references(root / "results" / "references.yaml")
+    assert {e["metric"] for e in entries} <= set(K.HIGHER_IS_BETTER)
+    assert all(e["source"].get("paper") for e in entries)
+
+
+def test_bad_results_dir_is_a_usage_error(tmp_path):
+    with pytest.raises(UsageError, match="does not exist"):
+        leaderboard_main([str(tmp_path / "missing")])
+    with pytest.raises(UsageError, match="no run records"):
+        leaderboard_main([str(tmp_path)])
+    write_all(tmp_path, [record()])
+    (tmp_path / "references.yaml").write_text("references: 3\n")
+    with pytest.raises(UsageError, match="references"):
+        leaderboard_main([str(tmp_path)])
