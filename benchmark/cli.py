@@ -12,8 +12,10 @@ problem and the fix, and exits with status 2.
 
 from __future__ import annotations
 
+import logging
 import sys
 from argparse import ArgumentError
+from contextlib import contextmanager
 
 from lightning.pytorch.cli import LightningCLI
 
@@ -66,26 +68,43 @@ def _one_line(e: BaseException) -> str:
     return "; ".join(lines[:2]) + " (valid fields: latent-bench fit --model.help CLASS, or --print_config)"
 
 
+@contextmanager
+def _lightning_info_on_stdout():
+    """Lightning's INFO lines ("Seed set to 0", "GPU available: ...") go to stdout beside the progress bar, so
+    that stderr carries problems only: bad input leaves exactly its one error line there."""
+    handlers = [h for name in ("lightning.pytorch", "lightning.fabric") for h in logging.getLogger(name).handlers
+                if type(h) is logging.StreamHandler]
+    streams = [h.stream for h in handlers]
+    for h in handlers:
+        h.setStream(sys.stdout)
+    try:
+        yield
+    finally:
+        for h, stream in zip(handlers, streams):
+            h.setStream(stream)
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv else "-h"
     try:
-        if command in ("fit", "validate", "test", "predict"):
-            build_cli(None if argv == sys.argv[1:] else argv, save_config_kwargs={"overwrite": True})
-        elif command == "run":
-            from benchmark.study import main as study_main
-            study_main(argv[1:])
-        elif command == "evaluate":
-            from benchmark.runner import evaluate_checkpoint_main
-            evaluate_checkpoint_main(argv[1:])
-        elif command == "leaderboard":
-            from benchmark.records import leaderboard_main
-            leaderboard_main(argv[1:])
-        else:
-            print(__doc__.strip())
-            return 0 if command in ("-h", "--help") else 2
+        with _lightning_info_on_stdout():
+            if command in ("fit", "validate", "test", "predict"):
+                build_cli(None if argv == sys.argv[1:] else argv, save_config_kwargs={"overwrite": True})
+            elif command == "run":
+                from benchmark.study import main as study_main
+                return study_main(argv[1:])  # 1 when a run failed or diverged
+            elif command == "evaluate":
+                from benchmark.runner import evaluate_checkpoint_main
+                evaluate_checkpoint_main(argv[1:])
+            elif command == "leaderboard":
+                from benchmark.records import leaderboard_main
+                leaderboard_main(argv[1:])
+            else:
+                print(__doc__.strip())
+                return 0 if command in ("-h", "--help") else 2
     except UsageError as e:
-        print(f"latent-bench: error: {e}", file=sys.stderr)
+        print(f"latent-bench: error: {' '.join(str(e).split())}", file=sys.stderr)  # one line, always
         return 2
     return 0
 

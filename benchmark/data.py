@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import pickle
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal, Optional
@@ -113,12 +114,25 @@ def load_celeba64(root: Path, path: Optional[Path]) -> Arrays:
     tf = transforms.Compose([transforms.CenterCrop(140), transforms.Resize(64), transforms.PILToTensor()])
 
     def split(name):
-        ds = datasets.CelebA(str(path or root), split=name, transform=tf, download=True)
-        x = torch.stack([ds[i][0] for i in range(len(ds))])  # uint8 (N, 3, 64, 64)
+        with _reading("CelebA", path or root):
+            ds = datasets.CelebA(str(path or root), split=name, transform=tf, download=True)
+            x = torch.stack([ds[i][0] for i in range(len(ds))])  # uint8 (N, 3, 64, 64)
         return _as_images(x, (3, 64, 64)), torch.zeros(len(ds), dtype=torch.long)
 
-    (xtr, ytr), (xte, yte) = split("train"), split("test")
-    return xtr, ytr, xte, yte
+    (xtr, ytr), (xva, yva), (xte, yte) = split("train"), split("valid"), split("test")
+    return torch.cat([xtr, xva]), torch.cat([ytr, yva]), xte, yte
+
+
+@contextmanager
+def _reading(name: str, root: Path):
+    """torchvision's failures (files absent and no network, a checksum or format check failed, a truncated
+    file) -> one UsageError line naming the folder."""
+    try:
+        yield
+    except (RuntimeError, OSError, AssertionError, ValueError, EOFError, pickle.UnpicklingError) as e:
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise UsageError(f"cannot load {name} from {root} ({type(e).__name__}: {reason}); put torchvision's "
+                         "files there (checksums must match) or check the network, then retry") from e
 
 
 def _torchvision(name: str, root: Path, shape) -> Arrays:
@@ -128,10 +142,8 @@ def _torchvision(name: str, root: Path, shape) -> Arrays:
     cls = getattr(datasets, name)
     out = []
     for train in (True, False):
-        try:
+        with _reading(name, root):
             ds = cls(str(root), train=train, download=True)
-        except RuntimeError as e:  # torchvision's checksum or format check failed
-            raise UsageError(f"cannot load {name} from {root}: {e}; delete the folder to re-download") from e
         x = ds.data if isinstance(ds.data, Tensor) else torch.as_tensor(ds.data)
         if x.ndim == 4 and x.shape[-1] == 3:  # CIFAR stores (N, H, W, C)
             x = x.permute(0, 3, 1, 2)
@@ -202,8 +214,9 @@ class LatentDataModule(L.LightningDataModule):
             raise UsageError(f"unknown dataset {dataset!r}; choose one of {sorted(DATASETS)}")
         if binarize not in ("none", "dynamic", "static"):
             raise UsageError(f"unknown binarize {binarize!r}; choose none, dynamic or static")
-        if batch_size < 1 or eval_batch_size < 1:
-            raise UsageError("batch sizes must be positive integers")
+        for key, size in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+            if size < 1:
+                raise UsageError(f"data.{key} must be a positive integer, got {size}")
         if path is not None and not Path(path).exists():
             raise UsageError(f"data file {path} does not exist; fix data.path or drop it to download")
         self.save_hyperparameters()
@@ -220,8 +233,9 @@ class LatentDataModule(L.LightningDataModule):
         return self.hparams.binarize != "none"
 
     def prepare_data(self):
-        if self.hparams.dataset != "digits":
-            self._load()  # downloads once, on one process
+        path = self.hparams.path
+        if self.hparams.dataset != "digits" and not (path and Path(path).is_file()):
+            self._load()  # downloads once, on one process; a local file needs no download (setup reads it)
 
     def _load(self) -> Arrays:
         path = Path(self.hparams.path) if self.hparams.path else None

@@ -18,12 +18,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributions import Distribution, Independent, Normal
 
-from benchmark.latents import Delta
+from benchmark.latents import Delta, reparametrize
 from benchmark.metrics import keys
 from benchmark.metrics.fid import (FrechetDistanceToReference, build_feature_extractor,
                                    reference_statistics)
 from benchmark.metrics.gaussianity import LatentGaussianity
-from benchmark.metrics.likelihood import LikelihoodBounds, elbo_terms, iw_log_likelihood
+from benchmark.metrics.likelihood import LikelihoodBounds, elbo_terms, index_noise, iw_log_likelihood
 from benchmark.module import LatentVariableModel
 from benchmark.nets import mlp
 
@@ -118,13 +118,18 @@ class Evaluation(L.LightningModule):
                  extractor=None, reference=None, gmm=None):
         super().__init__()
         self.model, self.cfg, self.expost, self.gmm = model, cfg, expost, gmm
-        self.bounds = LikelihoodBounds()
-        self.codes = LatentGaussianity(cfg.max_codes, cfg.seed)
-        self.fid = nn.ModuleDict()
-        if extractor is not None and cfg.fid_samples > 0:
-            names = [keys.FID_PRIOR, keys.FID_RECON] + ([keys.FID_GMM] if gmm is not None else [])
-            self.fid.update({k: FrechetDistanceToReference(extractor, reference) for k in names})
+        self.extractor, self.reference = extractor, reference
         self.results: dict[str, float] = {}
+
+    def setup(self, stage: str):
+        # The metrics are made here, in each process: tensors built before ``ddp_spawn`` reach the workers
+        # in shared memory, and both ranks would then add into the same metric states.
+        self.bounds = LikelihoodBounds()
+        self.codes = LatentGaussianity(self.cfg.max_codes, self.cfg.seed)
+        self.fid = nn.ModuleDict()
+        if self.extractor is not None and self.cfg.fid_samples > 0:
+            names = [keys.FID_PRIOR, keys.FID_RECON] + ([keys.FID_GMM] if self.gmm is not None else [])
+            self.fid.update({k: FrechetDistanceToReference(self.extractor, self.reference) for k in names})
 
     def proposal(self, x: Tensor) -> Distribution:
         """q(z|x) for the likelihood bounds: the encoder's own posterior, or the ex-post one."""
@@ -132,15 +137,18 @@ class Evaluation(L.LightningModule):
 
     def test_step(self, batch, batch_idx):
         x, _, index = batch
+        d, k, seed = self.model.hparams.latent_dim, self.cfg.iw_samples, self.cfg.seed
+        eps = index_noise(index, (d,), seed)  # (B, D): tied to each image, so DDP == one process
         qz_x, pz = self.proposal(x), self.model.prior(x, x.shape[:1])
-        distortion, rate = elbo_terms(x, qz_x, self.model.decode, pz)
-        log_px = iw_log_likelihood(x, qz_x, self.model.decode, pz, self.cfg.iw_samples) \
-            if self.cfg.iw_samples > 0 else None
+        distortion, rate = elbo_terms(x, qz_x, self.model.decode, pz, eps)
+        log_px = None
+        if k > 0:
+            log_px = iw_log_likelihood(x, qz_x, self.model.decode, pz, k, eps=index_noise(index, (k, d), seed + 1))
         self.bounds.update(distortion, rate, log_px)
 
         q_model = self.model.posterior(x)  # the codes the model itself would decode
-        z = q_model.sample()
-        self.codes.update(z, None if isinstance(q_model, Delta) else q_model.mean, index)
+        z = reparametrize(q_model, eps)
+        self.codes.update(z, q_model.mean, index)  # a Delta's mean is its code
         if keys.FID_RECON in self.fid:
             self.fid[keys.FID_RECON].update(self.model.decode(q_model.mean).mean.clamp(0, 1))
 

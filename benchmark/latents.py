@@ -64,6 +64,19 @@ def kl(q: Distribution, p: Distribution, z: Tensor | None = None) -> Tensor:
         return q.log_prob(z) - p.log_prob(z)
 
 
+def reparametrize(q: Distribution, eps: Tensor) -> Tensor:
+    """z = g(eps; q) for given standard-normal noise eps (..., B, D): the sample q.rsample() would draw with
+    that noise. Lets the evaluation tie the noise to each image, so results do not depend on batching or on
+    how many processes share the test split."""
+    if isinstance(q, Delta):
+        return q.loc.expand_as(eps)
+    if isinstance(q, Independent) and isinstance(q.base_dist, Normal):
+        return q.base_dist.loc + q.base_dist.scale * eps
+    if isinstance(q, MultivariateNormal):
+        return q.loc + (q.scale_tril @ eps.unsqueeze(-1)).squeeze(-1)
+    raise NotImplementedError(f"no reparametrisation for {type(q).__name__}")
+
+
 def standard_normal(latent_dim: int, like: Tensor, batch_shape=()) -> Distribution:
     """The prior p(z) = N(0, I), on ``like``'s device and dtype."""
     zeros = like.new_zeros(*batch_shape, latent_dim)

@@ -15,6 +15,13 @@ with the 2048-d pool3 features of the TensorFlow Inception-v3 graph of 2015-12-0
 - ``domain``: a small classifier trained once on the dataset's training split (128-d penultimate features),
   cached on disk. Fast on a CPU; its values are comparable only with other values of the same cached network.
 
+Differences between the paths. Given the same weights (the TorchScript file's, copied into torch-fidelity's
+module), the two Inception backends gave the same features to 1e-6 on 8x8, 28x28 and 32x32 images, so they can
+differ only through their weights files, both converted from the same TensorFlow graph (torch-fidelity's own file
+could not be compared offline). Floats become 8-bit by rounding, as image writers do. torchmetrics' built-in
+`FrechetInceptionDistance(feature=2048)` is not this protocol: it truncates to uint8 and, by default, resizes with
+torch's antialiased bilinear instead of TensorFlow 1's, so its values differ from torch-fidelity's.
+
 The metric keeps sums (sum f, sum f f^T, n), never a list of features, so fakes split across DDP ranks give the
 single-process value; reference statistics of a test split are computed once and cached on disk.
 """
@@ -99,7 +106,7 @@ def to_uint8_rgb(x: Tensor) -> Tensor:
     _check_unit_range(x)
     if x.shape[1] not in (1, 3):
         raise ValueError(f"expected 1 or 3 channels, got {x.shape[1]}")
-    x = (x * 255).round().to(torch.uint8)  # round, as image writers do (torchmetrics' built-in truncates)
+    x = (x * 255).round().to(torch.uint8)
     return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
 
 
@@ -119,8 +126,8 @@ class TorchFidelityInceptionV3(FeatureExtractor):
                 feature_extractor_weights_path=None if weights_path is None else str(weights_path))
         except OSError as error:  # urllib's URLError is an OSError
             raise RuntimeError(
-                "torch-fidelity could not load its Inception weights (offline?). Pass weights_path= a local "
-                f"'weights-inception-2015-12-05-6726825d.pth' or the TorchScript port '{INCEPTION_TORCHSCRIPT_FILE}'"
+                f"torch-fidelity could not load its Inception weights ({error}). Offline? Pass weights_path= a "
+                f"local 'weights-inception-2015-12-05-6726825d.pth' or the TorchScript '{INCEPTION_TORCHSCRIPT_FILE}'"
             ) from error
         self.eval()
 
@@ -132,7 +139,9 @@ def _load_torchscript(path: Path) -> torch.jit.ScriptModule:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.jit.load.*deprecated", category=FutureWarning)
         net = torch.jit.load(str(path), map_location="cpu")
-    return net.eval().requires_grad_(False)
+    for parameter in net.parameters():  # a ScriptModule has no requires_grad_()
+        parameter.requires_grad_(False)
+    return net.eval()
 
 
 class TorchScriptInceptionV3(FeatureExtractor):
@@ -300,7 +309,7 @@ def domain_feature_extractor(dataset: str, train_images: Tensor, train_labels: T
 # ----------------------------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class ReferenceStats:
+class ReferenceStatistics:
     """Sufficient statistics of the real images' features, as torchmetrics' FID states hold them."""
 
     features_sum: Tensor      # (F,) float64, sum_i f_i
@@ -312,7 +321,7 @@ class ReferenceStats:
                       "num_samples": self.num_samples, "meta": meta}, Path(path))
 
     @classmethod
-    def load(cls, path: str | Path) -> ReferenceStats:
+    def load(cls, path: str | Path) -> ReferenceStatistics:
         saved = torch.load(path, map_location="cpu", weights_only=True)
         return cls(saved["features_sum"], saved["features_cov_sum"], saved["num_samples"])
 
@@ -323,9 +332,13 @@ class FrechetDistanceToReference(FrechetInceptionDistance):
     Under DDP, torchmetrics sums every state over ranks before `compute`. The reference is therefore placed in
     the real-feature states of rank 0 only (zeros elsewhere), so the sum restores it exactly and fakes split
     across ranks give the single-process value. Use `update`/`compute` (not `forward`, a per-batch FID).
+
+    In a LightningModule: ``self.fid_prior = FrechetDistanceToReference(extractor, reference)`` in ``__init__``,
+    ``self.fid_prior.update(x_samples)`` in ``test_step``, ``self.log(FID_PRIOR, self.fid_prior)``. The
+    extractor is a submodule: its weights travel with the module's state_dict (87 MB for Inception).
     """
 
-    def __init__(self, extractor: FeatureExtractor, reference: ReferenceStats | None = None, **kwargs):
+    def __init__(self, extractor: FeatureExtractor, reference: ReferenceStatistics | None = None, **kwargs):
         super().__init__(feature=extractor, normalize=True, reset_real_features=False, **kwargs)
         if reference is not None and reference.features_sum.shape != (extractor.num_features,):
             raise ValueError(f"reference has {reference.features_sum.shape[0]} features, "
@@ -346,11 +359,11 @@ class FrechetDistanceToReference(FrechetInceptionDistance):
             self._place_reference()
         super().update(imgs, real)
 
-    def reference_stats(self) -> ReferenceStats:
+    def real_statistics(self) -> ReferenceStatistics:
         """The real-side states of this process (before any DDP sum)."""
-        return ReferenceStats(self.real_features_sum.detach().cpu().clone(),
-                              self.real_features_cov_sum.detach().cpu().clone(),
-                              int(self.real_features_num_samples))
+        return ReferenceStatistics(self.real_features_sum.detach().cpu().clone(),
+                                   self.real_features_cov_sum.detach().cpu().clone(),
+                                   int(self.real_features_num_samples))
 
 
 @torch.no_grad()
@@ -360,33 +373,40 @@ def images_to_features(images: Tensor, extractor: FeatureExtractor, batch_size: 
 
 
 @torch.no_grad()
-def images_to_reference_stats(images: Tensor, extractor: FeatureExtractor, batch_size: int = 500) -> ReferenceStats:
-    """Reference statistics of real images, accumulated by torchmetrics' FID a batch at a time."""
-    metric = FrechetDistanceToReference(extractor)
+def images_to_reference_statistics(images: Tensor, extractor: FeatureExtractor,
+                                   batch_size: int = 500) -> ReferenceStatistics:
+    """Reference statistics of real images, accumulated by torchmetrics' FID a batch at a time.
+
+    Runs on the images' device; the extractor is moved there.
+    """
+    metric = FrechetDistanceToReference(extractor).to(images.device)
     for batch in images.split(batch_size):
         metric.update(batch, real=True)
-    return metric.reference_stats()
+    return metric.real_statistics()
 
 
 def reference_statistics(dataset: str, test_images: Tensor, extractor: FeatureExtractor, *,
-                         cache_dir: str | Path | None = None, batch_size: int = 500) -> ReferenceStats:
+                         cache_dir: str | Path | None = None, batch_size: int = 500) -> ReferenceStatistics:
     """Reference statistics of a test split, cached on disk by (dataset, extractor tag, data checksum)."""
     checksum = tensors_checksum(test_images)
     path = fid_cache_dir(cache_dir) / f"reference-{dataset}-{extractor.tag}-{checksum[:16]}.pt"
     if path.exists():
-        return ReferenceStats.load(path)
-    stats = images_to_reference_stats(test_images, extractor, batch_size)
+        return ReferenceStatistics.load(path)
+    stats = images_to_reference_statistics(test_images, extractor, batch_size)
     stats.save(path, dataset=dataset, extractor=extractor.tag, data_checksum=checksum)
     return stats
 
 
 @torch.no_grad()
-def frechet_distance(fake_images: Tensor, reference: ReferenceStats | Tensor, extractor: FeatureExtractor,
+def frechet_distance(fake_images: Tensor, reference: ReferenceStatistics | Tensor, extractor: FeatureExtractor,
                      batch_size: int = 500) -> float:
-    """FID of generated images (N, C, H, W) in [0, 1] against reference statistics or real images."""
+    """FID of generated images (N, C, H, W) in [0, 1] against reference statistics or real images.
+
+    Runs on the fake images' device; the extractor is moved there.
+    """
     if isinstance(reference, Tensor):
-        reference = images_to_reference_stats(reference, extractor, batch_size)
-    metric = FrechetDistanceToReference(extractor, reference)
+        reference = images_to_reference_statistics(reference.to(fake_images.device), extractor, batch_size)
+    metric = FrechetDistanceToReference(extractor, reference).to(fake_images.device)
     for batch in fake_images.split(batch_size):
         metric.update(batch)
     return float(metric.compute())

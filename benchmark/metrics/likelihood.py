@@ -13,30 +13,44 @@ from torch import Tensor
 from torch.distributions import Distribution
 from torchmetrics import Metric
 
-from benchmark.latents import kl
+from benchmark.latents import kl, reparametrize
 from benchmark.metrics import keys
 
 Decode = Callable[[Tensor], Distribution]
 
 
-def elbo_terms(x: Tensor, qz_x: Distribution, decode: Decode, pz: Distribution) -> tuple[Tensor, Tensor]:
-    """(distortion, rate) per image: -E_q[log p(x|z)] by one reparametrised sample, and KL(q(z|x) || p(z))
-    in closed form where registered (Monte Carlo at the same sample otherwise). ELBO = -(distortion + rate)."""
-    z = qz_x.rsample()  # (B, D)
+def index_noise(index: Tensor, shape: tuple[int, ...], seed: int) -> Tensor:
+    """Standard-normal noise (*shape, B, D) for the images of dataset indices ``index`` (B,), from one
+    generator per image seeded by (seed, index): the same image gets the same noise whatever the batch or
+    the process it lands in. ``shape`` is (..., D) without the batch axis, e.g. (K, D) or (D,)."""
+    g = torch.Generator()
+    noise = [torch.randn(shape, generator=g.manual_seed(seed * 1_000_003 + int(i))) for i in index.tolist()]
+    return torch.stack(noise, dim=-2).to(index.device)  # (..., B, D)
+
+
+def elbo_terms(x: Tensor, qz_x: Distribution, decode: Decode, pz: Distribution,
+               eps: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(distortion, rate) per image: -E_q[log p(x|z)] by one reparametrised sample (drawn with the noise
+    ``eps`` (B, D) when given), and KL(q(z|x) || p(z)) in closed form where registered (Monte Carlo at the
+    same sample otherwise). ELBO = -(distortion + rate)."""
+    z = qz_x.rsample() if eps is None else reparametrize(qz_x, eps)  # (B, D)
     distortion = -decode(z).log_prob(x)
     return distortion, kl(qz_x, pz, z)
 
 
 def iw_log_likelihood(x: Tensor, qz_x: Distribution, decode: Decode, pz: Distribution, k: int,
-                      max_decoded: int = 1 << 16) -> Tensor:
+                      max_decoded: int = 1 << 16, eps: Tensor | None = None) -> Tensor:
     """log p(x) per image (B,) by the importance-weighted bound L_K (Burda et al. 2016, Eq. 8):
     log 1/K sum_k p(x, z_k) / q(z_k|x), z_k ~ q(z|x), by logsumexp. The K samples are drawn in chunks so
-    that at most ``max_decoded`` images are decoded at once; every image of the batch is done together."""
+    that at most ``max_decoded`` images are decoded at once; every image of the batch is done together.
+    ``eps`` (K, B, D), when given, is the standard-normal noise of the K samples."""
     b = x.shape[0]
     chunk = max(1, max_decoded // b)
     log_w = []
     for start in range(0, k, chunk):
-        z = qz_x.sample((min(chunk, k - start),))  # (k_chunk, B, D)
+        n = min(chunk, k - start)
+        with torch.no_grad():
+            z = qz_x.sample((n,)) if eps is None else reparametrize(qz_x, eps[start: start + n])  # (n, B, D)
         log_w.append(decode(z).log_prob(x) + pz.log_prob(z) - qz_x.log_prob(z))  # (k_chunk, B)
     return torch.logsumexp(torch.cat(log_w), dim=0) - math.log(k)
 

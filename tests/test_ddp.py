@@ -1,0 +1,39 @@
+"""A 2-process evaluation (DDP over gloo on the CPU) gives the 1-process values.
+
+Uses ``ddp_spawn`` in-process: a plain ``ddp`` launch would re-run pytest's command line in rank 1."""
+
+import math
+
+import lightning as L
+import pytest
+import torch
+
+from benchmark.data import LatentDataModule
+from benchmark.evaluation import EvaluationConfig, evaluate
+from benchmark.variants import VARIANTS
+
+
+def _evaluate(name, devices, cache):
+    L.seed_everything(0)
+    data = LatentDataModule("digits", binarize="dynamic", batch_size=64, eval_batch_size=37)
+    model = VARIANTS[name](data_shape=data.shape, latent_dim=4, hidden=(64,))
+    cfg = EvaluationConfig(iw_samples=20, fid_samples=300, max_codes=200, expost_epochs=0, gmm_components=3,
+                           cache_dir=str(cache))
+
+    def make_trainer(**kw):
+        strategy = "ddp_spawn" if devices > 1 else "auto"
+        return L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, **kw)
+
+    data.setup("fit")
+    return evaluate(model, data, cfg, make_trainer)["metrics"]
+
+
+@pytest.mark.parametrize("name", ["vae", "ae"])
+def test_two_process_evaluation_equals_one_process(name, tmp_path):
+    one = _evaluate(name, 1, tmp_path)
+    two = _evaluate(name, 2, tmp_path)
+    finite = {k: v for k, v in one.items() if math.isfinite(v)}
+    assert {"elbo", "nll_iw", "fid_prior", "fid_gmm", "fid_recon", "gauss_kl", "prior_holes"} <= set(finite)
+    for key, value in finite.items():
+        assert two[key] == pytest.approx(value, rel=1e-4, abs=1e-4), key

@@ -1,0 +1,223 @@
+"""Invariants of benchmark.metrics.fid: no snapshots, tiny synthetic data, well under a minute on 2 CPU cores."""
+
+import json
+import os
+import pickle
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from benchmark.metrics import fid
+
+SHARED = Path(__file__).parents[1].parent / "shared"
+INCEPTION_TORCHSCRIPT = SHARED / "models" / fid.INCEPTION_TORCHSCRIPT_FILE
+TORCH_FIDELITY_WEIGHTS = Path(torch.hub.get_dir()) / "checkpoints" / "weights-inception-2015-12-05-6726825d.pth"
+
+
+class FlattenFeatures(fid.FeatureExtractor):
+    """Images (N, F, 1, 1) are their own features, so a test sets the feature distribution directly."""
+
+    tag = "flatten"
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, x):
+        return x.flatten(1)  # (N, F)
+
+
+def frechet_reference(mu1, sigma1, mu2, sigma2) -> float:
+    """Heusel et al. (2017): ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^{1/2}), with scipy's sqrtm."""
+    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2).real
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(sigma1 + sigma2 - 2 * covmean))
+
+
+def synthetic_digits(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """8x8 images in [0, 1]: one fixed random template per class (10 classes) plus noise."""
+    templates = torch.rand(10, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 10, (n,), generator=generator)
+    noise = 0.3 * torch.rand(n, 1, 8, 8, generator=generator)
+    return (0.7 * templates[labels] + noise).clamp(0, 1), labels
+
+
+def json_meta(cache_dir: Path, extractor) -> dict:
+    """The human-readable metadata written beside a cached domain network."""
+    return json.loads((cache_dir / "fid" / f"{extractor.tag}.json").read_text())
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors gain nothing from threads, and on a busy 2-core machine OpenMP barriers made these tests
+    20x slower (70 s instead of 9 s)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+TRAINING = dict(epochs=1, min_steps=40, batch_size=64)  # seconds, not minutes
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return synthetic_digits(600, seed=1)
+
+
+@pytest.fixture(scope="module")
+def domain_extractor(digits, tmp_path_factory):
+    images, labels = digits
+    return fid.build_feature_extractor("domain", dataset="digits", train_images=images, train_labels=labels,
+                                       cache_dir=tmp_path_factory.mktemp("cache"), **TRAINING)
+
+
+def test_registry_fails_loudly():
+    with pytest.raises(KeyError, match="unknown feature extractor 'vgg'.*'domain', 'inception'"):
+        fid.build_feature_extractor("vgg")
+    with pytest.raises(ValueError, match="already registered"):
+        fid.register_feature_extractor("domain")(lambda: None)
+    fid.register_feature_extractor("not-an-extractor")(lambda: torch.nn.Identity())
+    try:
+        with pytest.raises(TypeError, match="not a FeatureExtractor"):
+            fid.build_feature_extractor("not-an-extractor")
+    finally:
+        del fid.FEATURE_EXTRACTORS["not-an-extractor"]
+
+
+def test_extractors_reject_images_outside_unit_range(domain_extractor, digits):
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        domain_extractor(2 * digits[0][:4] - 1)
+
+
+def test_fid_of_a_set_against_itself_is_zero(domain_extractor, digits):
+    images = digits[0]
+    other = synthetic_digits(600, seed=2)[0]
+    assert fid.frechet_distance(images, other, domain_extractor) > 1e-2
+    assert fid.frechet_distance(images, images, domain_extractor) == pytest.approx(0, abs=1e-4)
+
+
+def test_fid_of_gaussian_features_equals_the_closed_form():
+    generator = np.random.default_rng(0)
+    dim, n = 4, 20_000
+    mu1, mu2 = generator.normal(size=dim), generator.normal(size=dim)
+    a1, a2 = generator.normal(size=(dim, dim)), generator.normal(size=(dim, dim))
+    sigma1, sigma2 = a1 @ a1.T + 0.1 * np.eye(dim), a2 @ a2.T + 0.1 * np.eye(dim)
+    f1 = generator.multivariate_normal(mu1, sigma1, size=n).astype(np.float32)
+    f2 = generator.multivariate_normal(mu2, sigma2, size=n).astype(np.float32)
+
+    value = fid.frechet_distance(torch.from_numpy(f2).view(n, dim, 1, 1), torch.from_numpy(f1).view(n, dim, 1, 1),
+                                 FlattenFeatures(dim), batch_size=3000)
+
+    f1, f2 = f1.astype(np.float64), f2.astype(np.float64)
+    sample = frechet_reference(f1.mean(0), np.cov(f1, rowvar=False), f2.mean(0), np.cov(f2, rowvar=False))
+    assert value == pytest.approx(sample, rel=1e-5)  # the same estimator, exactly
+    assert value == pytest.approx(frechet_reference(mu1, sigma1, mu2, sigma2), rel=0.02)  # and it is consistent
+
+
+def test_batch_size_does_not_change_fid(domain_extractor, digits):
+    real, fake = digits[0][:200], synthetic_digits(100, seed=3)[0]
+    values = [fid.frechet_distance(fake, real, domain_extractor, batch_size=b) for b in (1, 7, 500)]
+    assert values == pytest.approx([values[-1]] * 3, rel=1e-5)
+
+
+def test_reference_statistics_are_cached_and_equal_to_raw_images(domain_extractor, digits, tmp_path, monkeypatch):
+    real, fake = digits[0][:300], synthetic_digits(100, seed=4)[0]
+    stats = fid.reference_statistics("digits", real, domain_extractor, cache_dir=tmp_path)
+    assert len(list((tmp_path / "fid").glob(f"reference-digits-{domain_extractor.tag}-*.pt"))) == 1
+    monkeypatch.setattr(fid, "images_to_reference_statistics", lambda *a, **k: pytest.fail("recomputed"))
+    cached = fid.reference_statistics("digits", real, domain_extractor, cache_dir=tmp_path)
+    assert cached.num_samples == stats.num_samples == 300
+    assert torch.equal(cached.features_cov_sum, stats.features_cov_sum)
+    monkeypatch.undo()
+    assert fid.frechet_distance(fake, cached, domain_extractor) == pytest.approx(
+        fid.frechet_distance(fake, real, domain_extractor), rel=1e-6)
+
+
+def test_domain_extractor_is_cached_by_checksum_and_trained_deterministically(digits, tmp_path, monkeypatch):
+    images, labels = digits
+    first = fid.domain_feature_extractor("digits", images, labels, cache_dir=tmp_path, **TRAINING)
+    assert 0.5 < first.meta["val_accuracy"] <= 1  # chance is 0.1
+    assert json_meta(tmp_path, first)["val_accuracy"] == first.meta["val_accuracy"]
+
+    monkeypatch.setattr(fid, "_train_domain_classifier", lambda *a, **k: pytest.fail("retrained"))
+    again = fid.domain_feature_extractor("digits", images, labels, cache_dir=tmp_path, **TRAINING)
+    assert again.tag == first.tag
+    assert torch.equal(again(images[:8]), first(images[:8]))
+    monkeypatch.undo()
+
+    changed = images.clone()
+    changed[0, 0, 0, 0] = 1 - changed[0, 0, 0, 0]
+    other = fid.domain_feature_extractor("digits", changed, labels, cache_dir=tmp_path, **TRAINING)
+    assert other.tag != first.tag and len(list((tmp_path / "fid").glob("domain-digits-*.pt"))) == 2
+
+    elsewhere = fid.domain_feature_extractor("digits", images, labels, cache_dir=tmp_path / "b", **TRAINING)
+    assert all(torch.equal(p, q) for p, q in zip(elsewhere.state_dict().values(), first.state_dict().values()))
+
+
+def test_cache_dir_follows_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv(fid.CACHE_ENV, str(tmp_path))
+    assert fid.fid_cache_dir() == tmp_path / "fid"
+    assert fid.fid_cache_dir(tmp_path / "x") == tmp_path / "x" / "fid"
+
+
+def _fid_on_rank(rank: int, world_size: int, port: int, reference, fake, out: Path) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        metric = fid.FrechetDistanceToReference(FlattenFeatures(fake.shape[1]), reference)
+        for batch in fake.chunk(world_size)[rank].split(50):  # each rank sees only its shard
+            metric.update(batch)
+        (out / f"rank{rank}.txt").write_text(repr(float(metric.compute())))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.timeout(120)  # a rank that never joins the process group would otherwise hang the suite
+def test_fakes_split_across_ddp_ranks_give_the_single_process_fid(tmp_path):
+    generator = torch.Generator().manual_seed(0)
+    real = torch.randn(500, 3, 1, 1, generator=generator)
+    fake = 0.5 + 2 * torch.randn(400, 3, 1, 1, generator=generator)
+    extractor = FlattenFeatures(3)
+    reference = fid.images_to_reference_statistics(real, extractor)
+    single = fid.frechet_distance(fake, reference, extractor)
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # fork, where there is one, skips re-importing torch in each rank (seconds on 2 cores)
+    start_method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    mp.start_processes(_fid_on_rank, args=(2, port, reference, fake, tmp_path), nprocs=2, start_method=start_method)
+    per_rank = [float((tmp_path / f"rank{r}.txt").read_text()) for r in range(2)]
+    # Had every rank loaded the reference, the synced sums would count it twice and scale its covariance
+    # by 2(n - 1)/(2n - 1): a change of about 1e-3 here, far beyond float rounding.
+    assert per_rank[0] == per_rank[1] == pytest.approx(single, rel=1e-6)
+
+
+@pytest.mark.skipif(not INCEPTION_TORCHSCRIPT.exists(), reason=f"{INCEPTION_TORCHSCRIPT} is absent (../shared)")
+def test_torchscript_inception_gives_finite_2048d_features_and_survives_pickling():
+    extractor = fid.build_feature_extractor("inception", weights_path=INCEPTION_TORCHSCRIPT)
+    assert isinstance(extractor, fid.TorchScriptInceptionV3)
+    gray = torch.rand(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    features = extractor(gray)  # (2, 2048)
+    assert features.shape == (2, 2048) and torch.isfinite(features).all() and (features >= 0).all()
+    # ddp_spawn pickles the LightningModule; a grayscale image is its replicated RGB image
+    restored = pickle.loads(pickle.dumps(extractor))
+    torch.testing.assert_close(restored(gray.expand(-1, 3, -1, -1)), features)
+
+
+@pytest.mark.skipif(not (TORCH_FIDELITY_WEIGHTS.exists() and INCEPTION_TORCHSCRIPT.exists()),
+                    reason="torch-fidelity's Inception weights are not available offline here, so its standard "
+                           "path could not be compared with the TorchScript port on this machine")
+def test_torch_fidelity_inception_agrees_with_the_torchscript_port():
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    standard = fid.build_feature_extractor("inception", weights_path=TORCH_FIDELITY_WEIGHTS)(images)
+    port = fid.build_feature_extractor("inception", weights_path=INCEPTION_TORCHSCRIPT)(images)
+    torch.testing.assert_close(port, standard, rtol=1e-3, atol=1e-3)

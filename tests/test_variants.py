@@ -1,0 +1,167 @@
+"""Each variant is what its name says: tests that fail if one silently became another."""
+
+import pytest
+import torch
+from torch.distributions import Independent, MultivariateNormal, Normal
+
+from benchmark import regularizers as R
+from benchmark.latents import Delta, Diagonal, FixedScale, FullCovariance, NoInformation, kl, standard_normal
+from benchmark.variants import VARIANTS
+
+SHAPE = (1, 8, 8)
+
+
+def make(name, **kw):
+    torch.manual_seed(0)
+    return VARIANTS[name](data_shape=SHAPE, latent_dim=4, hidden=(32,), **kw)
+
+
+@pytest.fixture
+def x():
+    return torch.bernoulli(torch.rand(32, *SHAPE, generator=torch.Generator().manual_seed(1)))
+
+
+DETERMINISTIC = ["ae", "ae_moments", "wae_mmd", "swae", "aae", "rae"]
+STOCHASTIC = ["mean_only", "vae", "vae_fullcov"]
+
+
+@pytest.mark.parametrize("name", DETERMINISTIC)
+def test_deterministic_encoders_give_the_same_code_twice(name, x):
+    m = make(name)
+    q = m.posterior(x)
+    assert isinstance(q, Delta)
+    assert torch.equal(q.rsample(), m.posterior(x).rsample())
+    assert torch.isinf(kl(q, m.prior(x, x.shape[:1]))).all()  # why they need an ex-post ELBO
+
+
+@pytest.mark.parametrize("name", STOCHASTIC)
+def test_stochastic_encoders_sample_around_a_mean_that_depends_on_x(name, x):
+    m = make(name)
+    q = m.posterior(x)
+    z1, z2 = q.rsample(), q.rsample()
+    assert not torch.allclose(z1, z2)
+    assert not torch.allclose(q.mean[0], q.mean[1])  # different images, different means
+    assert z1.shape == (32, 4)
+
+
+def test_mean_only_has_the_fixed_scale_and_vae_a_learned_one(x):
+    q = make("mean_only", sigma0=0.7).posterior(x)
+    assert torch.allclose(q.stddev, torch.full_like(q.stddev, 0.7))
+    q = make("vae").posterior(x)
+    assert q.stddev.std() > 0  # the scale depends on x and on the dimension
+    q = make("vae_fullcov").posterior(x)
+    assert isinstance(q, MultivariateNormal)
+    off_diag = q.covariance_matrix - torch.diag_embed(q.covariance_matrix.diagonal(dim1=-2, dim2=-1))
+    assert off_diag.abs().max() > 1e-3  # correlated: the "third channel"
+
+
+def test_no_info_codes_do_not_depend_on_x(x):
+    m = make("no_info")
+    q1, q2 = m.posterior(x), m.posterior(torch.zeros_like(x))
+    for q in (q1, q2):
+        assert torch.allclose(q.mean, torch.zeros_like(q.mean)) and torch.allclose(q.stddev, torch.ones(32, 4))
+    assert m.regularizer(q1.rsample(), q1, None) == 0  # KL(p || p) = 0
+
+
+@pytest.mark.parametrize("head,n_params", [(FixedScale(0.7), 4), (Diagonal(), 8), (FullCovariance(), 14),
+                                           (NoInformation(4), 0)])
+def test_analytic_kl_of_every_posterior_equals_its_monte_carlo_estimate(head, n_params):
+    torch.manual_seed(0)
+    h = torch.randn(5, n_params)
+    if n_params == 0:
+        h = torch.randn(5, 0)
+    q = head(h)
+    p = standard_normal(4, torch.zeros(1), (5,))
+    z = q.sample((200_000,))
+    mc = (q.log_prob(z) - p.log_prob(z)).mean(0)
+    exact = kl(q, p)
+    assert torch.allclose(exact, mc, atol=0.03, rtol=0.01), (exact, mc)
+
+
+def test_full_covariance_kl_is_the_multivariate_normal_one():
+    q = FullCovariance()(torch.randn(3, 14))
+    p = standard_normal(4, torch.zeros(1), (3,))
+    ref = torch.distributions.kl_divergence(q, MultivariateNormal(torch.zeros(3, 4), torch.eye(4).expand(3, 4, 4)))
+    assert torch.allclose(kl(q, p), ref, atol=1e-5)
+
+
+# --- regularisers: minimal for codes from N(0, I), large for shifted or scaled codes ------------------------
+N, D = 512, 8
+
+
+def codes(kind, seed=0):
+    z = torch.randn(N, D, generator=torch.Generator().manual_seed(seed))
+    return {"prior": z, "shifted": z + 2.0, "scaled": 3.0 * z}[kind]
+
+
+@pytest.mark.parametrize("penalty", [
+    R.moment_kl,
+    lambda z: R.imq_mmd(z, torch.randn_like(z)),
+    lambda z: R.sliced_wasserstein(z, 100),
+    lambda z: 0.5 * z.pow(2).sum(-1).mean() - 0.5 * D,  # RAE's |z|^2 term, centred on its prior value
+], ids=["moments", "mmd", "swd", "rae"])
+def test_regulariser_is_minimal_for_prior_codes_and_large_for_shifted_or_scaled(penalty):
+    torch.manual_seed(0)
+    at_prior = abs(float(penalty(codes("prior"))))
+    for kind in ("shifted", "scaled"):
+        assert float(penalty(codes(kind))) > 10 * max(at_prior, 1e-2), kind
+
+
+def test_moment_kl_equals_the_closed_form_of_the_batch_gaussian():
+    z = codes("prior") * torch.tensor([1.0, 2.0] * 4) + 0.5
+    mean, cov = z.mean(0), torch.cov(z.T)
+    ref = torch.distributions.kl_divergence(MultivariateNormal(mean, cov), MultivariateNormal(torch.zeros(D), torch.eye(D)))
+    assert torch.allclose(R.moment_kl(z), ref, rtol=1e-3)
+
+
+def test_moment_kl_is_finite_for_collapsed_codes():
+    assert torch.isfinite(R.moment_kl(torch.zeros(N, D)))
+
+
+def test_adversarial_regulariser_trains_each_player_only_on_its_own_term(x):
+    m = make("aae")
+    q = m.posterior(x)
+    z = q.rsample()
+    loss = m.regularizer(z, q, m.decoder(z))
+    loss.backward()
+    assert all(p.grad is not None for p in m.discriminator.parameters())
+    assert all(p.grad is not None for p in m.encoder.parameters())
+    # the encoder's gradient comes from fooling D only: it is the gradient of that term alone
+    g_enc = [p.grad.clone() for p in m.encoder.parameters()]
+    m.zero_grad()
+    frozen = {k: v.detach() for k, v in m.discriminator.named_parameters()}
+    fool = torch.func.functional_call(m.discriminator, frozen, (m.posterior(x).rsample(),))
+    torch.nn.functional.binary_cross_entropy_with_logits(fool, torch.ones_like(fool)).backward()
+    assert all(torch.allclose(a, p.grad) for a, p in zip(g_enc, m.encoder.parameters()))
+
+
+@pytest.mark.parametrize("reg", ["l2", "gp", "sn"])
+def test_rae_decoder_regularisers(reg, x):
+    m = make("rae", decoder_reg=reg)
+    q = m.posterior(x)
+    z = q.rsample()
+    value = m.regularizer(z, q, m.decoder(z))
+    assert torch.isfinite(value) and value > 0
+    opt = m.configure_optimizers()
+    decays = sorted(g.get("weight_decay", 0) for g in opt.param_groups)
+    assert decays[-1] == (1e-3 if reg == "l2" else 0)
+    if reg == "sn":
+        assert any("parametrizations" in n for n, _ in m.decoder.named_parameters())
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_every_variant_learns_to_reconstruct(name, x):
+    m = make(name)
+    opt = m.configure_optimizers()
+    distortions = []
+    for _ in range(30):
+        q = m.posterior(x)
+        z = q.rsample()
+        out = m.decoder(z)
+        distortion = -m.likelihood(out).log_prob(x).mean()
+        loss = distortion + m.hparams.weight * m.regularizer(z, q, out)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        distortions.append(float(distortion))
+    assert distortions[-1] < distortions[0] - 0.5, name
