@@ -27,16 +27,35 @@ class DivergenceGuard(L.Callback):
             raise Diverged(trainer.global_step, float(loss))
 
 
+class ImageCount(L.Callback):
+    """Counts the training images this process trains on in one ``fit`` (after a resume: since the resume),
+    for the throughput in the run record."""
+
+    def __init__(self):
+        self.images = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.images += len(batch[0])
+
+
 class RNGState(L.Callback):
     """Saves the Python, NumPy and torch (CPU and CUDA) generators in every checkpoint and restores them
-    when training resumes, after the sanity check, so a resumed run draws the same shuffles, binarisations
-    and reparametrisation noise as an uninterrupted one."""
+    when training resumes, so a resumed run draws the same shuffles, binarisations and reparametrisation
+    noise as an uninterrupted one.
+
+    Restored at ``on_fit_start``: the last hook before Lightning creates the training DataLoader iterator,
+    which draws a seed from the global generator (an uninterrupted run makes that draw at the start of the
+    same epoch). The sanity check in between runs inside Lightning's ``isolate_rng``."""
 
     def __init__(self):
         self._pending = None
 
     def state_dict(self):
-        state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+        # NumPy's key array as a list: Lightning loads checkpoints with torch.load(weights_only=True),
+        # which refuses a checkpoint holding an ndarray (every resume failed with an UnpicklingError).
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        state = {"python": random.getstate(), "numpy": (kind, keys.tolist(), pos, has_gauss, cached),
+                 "torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             state["cuda"] = torch.cuda.get_rng_state_all()
         return state
@@ -44,7 +63,13 @@ class RNGState(L.Callback):
     def load_state_dict(self, state_dict):
         self._pending = state_dict
 
+    def on_fit_start(self, trainer, pl_module):
+        self._restore()
+
     def on_train_start(self, trainer, pl_module):
+        self._restore()  # strategies that load checkpoints after setup (DeepSpeed, FSDP) load this state late
+
+    def _restore(self):
         if self._pending is None:
             return
         s, self._pending = self._pending, None

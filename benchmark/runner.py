@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 import torch
 
-from benchmark.callbacks import Diverged, DivergenceGuard, RNGState
+from benchmark.callbacks import Diverged, DivergenceGuard, ImageCount, RNGState
 from benchmark.errors import UsageError
 from benchmark.evaluation import EvaluationConfig, evaluate
 
@@ -88,7 +88,11 @@ def train_and_evaluate(spec: RunSpec) -> dict:
     eval_cfg = EvaluationConfig(**{"seed": spec.seed, **spec.evaluation})
     logger = _logger(spec, config)
     ckpt_dir = spec.run_dir / "checkpoints"
-    callbacks = [ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0), RNGState(), DivergenceGuard()]
+    # One file, overwritten at every epoch end. Not save_last=True with save_top_k=0: Lightning then writes
+    # last.ckpt only when training ends, so a killed run had nothing to resume from.
+    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="last", enable_version_counter=False)
+    counter = ImageCount()
+    callbacks = [checkpoint, RNGState(), DivergenceGuard(), counter]
 
     def make_trainer(**overrides):
         kw = {"logger": False, "callbacks": [], "enable_checkpointing": False, "enable_progress_bar": False,
@@ -108,8 +112,10 @@ def train_and_evaluate(spec: RunSpec) -> dict:
         start = time.perf_counter()
         trainer.fit(model, datamodule=data, ckpt_path=str(last) if resumed else None)
         train_s = time.perf_counter() - start
-        images = len(data.splits["train"]) * trainer.current_epoch if data.splits else 0
-        record["timings"] = {"train_s": train_s, "train_images_per_s": images / train_s if train_s else None,
+        # Images trained on in this call: a resumed run's earlier epochs are not in train_s, and
+        # limit_train_batches shortens an epoch. None where unknown (ddp_spawn counts in its workers).
+        images = counter.images * trainer.world_size
+        record["timings"] = {"train_s": train_s, "train_images_per_s": images / train_s if images else None,
                              "epochs": trainer.current_epoch, "resumed": resumed}
         start = time.perf_counter()
         out = evaluate(model, data, eval_cfg, make_trainer)

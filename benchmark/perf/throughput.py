@@ -1,0 +1,149 @@
+"""Training throughput of the suite against a plain PyTorch loop over the same tensors (and pythae when
+installed), side by side, interleaved rounds, medians.
+
+    python -m benchmark.perf.throughput --data ../shared/data/mnist.pkl.gz --epochs 3 --rounds 3
+
+Prints images/s per (model, loop) and the ratios suite / plain and suite / pythae. The plain loop is the
+limit for the model on the hardware: the same modules, the same loss, batches by one indexing operation,
+no framework. Timings exclude the first epoch of each fit (warm-up, lazy initialisation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import statistics
+import time
+
+import lightning as L
+import torch
+
+from benchmark.data import LatentDataModule
+from benchmark.variants import VARIANTS
+
+MODELS = {  # name -> (variant, network, hidden)
+    "vae-mlp": ("vae", "mlp", (500, 500)),
+    "ae-mlp": ("ae", "mlp", (500, 500)),
+    "vae-conv": ("vae", "conv", (128, 256, 512, 1024)),
+    "ae-conv": ("ae", "conv", (128, 256, 512, 1024)),
+}
+
+
+def make_model(name: str, shape) -> L.LightningModule:
+    variant, network, hidden = MODELS[name]
+    torch.manual_seed(0)
+    return VARIANTS[variant](data_shape=shape, latent_dim=20 if network == "mlp" else 16, network=network,
+                             hidden=hidden, likelihood="bernoulli")
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def plain_loop(name, x, epochs, batch_size, device) -> float:
+    """The limit: the suite's own modules and loss in a bare loop; returns images/s after epoch 1."""
+    model = make_model(name, tuple(x.shape[1:])).to(device)
+    opt = model.configure_optimizers()
+    n = len(x) // batch_size * batch_size
+    times = []
+    for _ in range(epochs):
+        _sync(device)
+        start = time.perf_counter()
+        for idx in torch.randperm(len(x), device=device)[:n].split(batch_size):
+            xb = torch.bernoulli(x[idx])
+            qz_x = model.posterior(xb)
+            z = qz_x.rsample()
+            out = model.decoder(z)
+            loss = -model.likelihood(out).log_prob(xb).mean() + model.hparams.weight * model.regularizer(z, qz_x, out)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return n / statistics.median(times[1:])
+
+
+class _EpochTimer(L.Callback):
+    def __init__(self):
+        self.times, self.start = [], None
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        _sync(pl_module.device)
+        self.start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        _sync(pl_module.device)
+        self.times.append(time.perf_counter() - self.start)
+
+
+def suite_loop(name, data: LatentDataModule, epochs, device) -> float:
+    """The suite as users run it: Lightning Trainer, the shared DataModule, logging on, no validation."""
+    model = make_model(name, data.shape)
+    timer = _EpochTimer()
+    trainer = L.Trainer(accelerator=device.type, devices=1, max_epochs=epochs, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0, num_sanity_val_steps=0, callbacks=[timer])
+    trainer.fit(model, datamodule=data)
+    n = len(data.splits["train"]) // data.hparams.batch_size * data.hparams.batch_size
+    return n / statistics.median(timer.times[1:])
+
+
+def pythae_loop(name, x, epochs, batch_size, device) -> float | None:
+    """pythae's trainer on the same MLP (optional extra: skipped with a message when pythae is absent)."""
+    try:
+        import pythae  # noqa: F401
+    except ImportError:
+        print("  pythae: not installed, skipped (pip install 'latent-bench[pythae]' to compare)")
+        return None
+    from benchmark.perf.pythae_compare import pythae_throughput
+
+    return pythae_throughput(name, x, epochs, batch_size, device)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", default=None, help="mnist.pkl.gz or torchvision folder (default: download)")
+    p.add_argument("--models", default="vae-mlp,ae-mlp,vae-conv,ae-conv")
+    p.add_argument("--epochs", type=int, default=3, help="epochs per fit; the first is not timed")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are reported")
+    p.add_argument("--train-size", type=int, default=None, help="use only the first N training images")
+    p.add_argument("--batch-size", type=int, default=128)
+    args = p.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    print(f"device: {name}; torch {torch.__version__}; lightning {L.__version__}")
+    data = LatentDataModule("mnist", path=args.data, binarize="dynamic", batch_size=args.batch_size)
+    data.setup("fit")
+    if args.train_size:
+        data.splits["train"].x = data.splits["train"].x[: args.train_size]
+        data.splits["train"].y = data.splits["train"].y[: args.train_size]
+    data.splits["train"].x = data.splits["train"].x.to(device)  # resident on the device, as in a run
+    data.splits["train"].y = data.splits["train"].y.to(device)
+    x = data.splits["train"].x
+    results = {}
+    for name in args.models.split(","):
+        for r in range(args.rounds):
+            for loop, fn in (("plain", lambda: plain_loop(name, x, args.epochs, args.batch_size, device)),
+                             ("suite", lambda: suite_loop(name, data, args.epochs, device)),
+                             ("pythae", lambda: pythae_loop(name, x, args.epochs, args.batch_size, device))):
+                if loop == "pythae" and (r > 0 and not results.get((name, "pythae"))):
+                    continue
+                value = fn()
+                if value is not None:
+                    results.setdefault((name, loop), []).append(value)
+                    print(f"  {name:9s} round {r} {loop:6s} {value:10.0f} img/s", flush=True)
+    print("\nmodel      plain img/s  suite img/s  pythae img/s  suite/plain  suite/pythae")
+    for name in args.models.split(","):
+        med = {loop: statistics.median(results[(name, loop)]) for loop in ("plain", "suite", "pythae")
+               if results.get((name, loop))}
+        py = med.get("pythae")
+        print(f"{name:9s} {med['plain']:12.0f} {med['suite']:12.0f} {py or float('nan'):13.0f} "
+              f"{med['suite'] / med['plain']:12.3f} {med['suite'] / py if py else float('nan'):13.3f}")
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    gpu = f", GPU peak {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB" if device.type == "cuda" else ""
+    print(f"peak RSS {rss:.0f} MiB{gpu}")
+
+
+if __name__ == "__main__":
+    main()
