@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# One prepared GPU session: the headline study on the GPU (several runs side by side on the card), then the
+# throughput of the suite against a plain loop. Expects, in .device/ (not tracked): mnist.pkl.gz and cache/
+# (the domain FID extractor and reference statistics, made on the CPU); and wheels in .whl/ for packages the
+# GPU image lacks. Writes everything to $OUT (or ./gpu-out).
+set -uo pipefail
+OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
+STUDY_TIMEOUT=${STUDY_TIMEOUT:-420}; EPOCHS=${EPOCHS:-20}; PER_DEVICE=${PER_DEVICE:-6}
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site:$PWD
+fi
+export PYTHONPATH=${PYTHONPATH:-$PWD} PYTHONUNBUFFERED=1 LATENT_BENCH_CACHE=$PWD/.device/cache
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+python3 -c "import torch, lightning; print('torch', torch.__version__, 'lightning', lightning.__version__, torch.cuda.get_device_name())" | tee -a "$OUT/gpu.txt"
+start=$(date +%s)
+timeout "$STUDY_TIMEOUT" python3 -m benchmark.cli run "${STUDY:-configs/studies/seed_question_mnist.yaml}" --devices auto \
+  --per-device "$PER_DEVICE" --wandb disabled --results "$OUT/results" --work-dir /tmp/gpu-runs \
+  --set trainer.accelerator=auto --set data.path=.device/mnist.pkl.gz --set "trainer.max_epochs=$EPOCHS" \
+  2>&1 | grep -v -i warn | tee "$OUT/study.log"
+echo "study wall time: $(( $(date +%s) - start )) s (epochs $EPOCHS, $PER_DEVICE runs per GPU)" | tee -a "$OUT/study.log"
+tar czf "$OUT/results.tgz" -C "$OUT" results 2>/dev/null && rm -rf "$OUT/results"
+tar czf "$OUT/worker-logs.tgz" -C /tmp/gpu-runs . --exclude='*.ckpt' 2>/dev/null
+timeout "${PERF_TIMEOUT:-150}" python3 -m benchmark.perf.throughput --data .device/mnist.pkl.gz --epochs 3 --rounds 2 --train-size 10000 \
+  --models vae-mlp,ae-mlp,vae-conv,ae-conv 2>&1 | grep -v -i "warn\|LOCAL_RANK\|available\|stopped\|tip" | tee "$OUT/throughput.txt"
