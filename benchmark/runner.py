@@ -80,11 +80,17 @@ def train_and_evaluate(spec: RunSpec) -> dict:
     from benchmark.cli import build_cli
     from benchmark.records import code_version, environment, read_record, write_record
 
-    if spec.record_path.exists() and read_record(spec.record_path).get("status") == "finished":
-        return read_record(spec.record_path)
+    try:
+        previous = read_record(spec.record_path) if spec.record_path.exists() else None
+    except ValueError:  # not a run record (empty, hand-edited): rerun; write_record replaces it
+        previous = None
+    if previous is not None and previous.get("status") == "finished":
+        return previous
     cli = build_cli(spec.cli_args(), run=False, save_config_callback=None)  # UsageError propagates: bad input stops the study
     model, data = cli.model, cli.datamodule
     config = json.loads(json.dumps(cli.config.as_dict(), default=str))
+    # Linked from the data at instantiation: the parsed config still holds the class default (1, 28, 28).
+    config["model"]["init_args"]["data_shape"] = list(model.hparams.data_shape)
     eval_cfg = EvaluationConfig(**{"seed": spec.seed, **spec.evaluation})
     logger = _logger(spec, config)
     ckpt_dir = spec.run_dir / "checkpoints"
@@ -126,8 +132,15 @@ def train_and_evaluate(spec: RunSpec) -> dict:
     except UsageError:
         raise
     except Exception as e:  # a failed run is recorded with its reason; the study goes on
-        record.update(status="failed", reason=f"{type(e).__name__}: {e}")
         traceback.print_exc()
+        reason = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"  # a NaN tensor's repr is 60 lines
+        if not all(torch.isfinite(p).all() for p in model.parameters()):
+            # Non-finite weights surface as an error in the next step (a distribution's argument check
+            # refuses a NaN mean) before the epoch-end loss check sees them: that run diverged.
+            record.update(status="diverged", reason=f"non-finite weights ({reason})",
+                          diverged_step=trainer.global_step)
+        else:
+            record.update(status="failed", reason=reason)
     if trainer.global_rank == 0:
         record["samples"] = _save_samples(model, spec) if record["status"] == "finished" else None
         write_record(spec.record_path, record)

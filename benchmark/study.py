@@ -149,8 +149,7 @@ def run_sequential(specs: list[RunSpec], progress: Progress):
 def run_workers(specs: list[RunSpec], slots: list[str], progress: Progress):
     """Side by side: each run in its own process, pinned to one device slot (a GPU index, or a share of
     the CPU cores); as many at once as there are slots."""
-    cpu_slots = slots.count("cpu")
-    threads = max(1, (os.cpu_count() or 1) // max(cpu_slots, 1))
+    threads = max(1, (os.cpu_count() or 1) // len(slots))  # the cores are shared by every slot
     pending, active = list(specs), {}  # slot index -> (process, spec, log file)
     while pending or active:
         for i, slot in enumerate(slots):
@@ -215,6 +214,8 @@ def main(argv: list[str]):
     parser.add_argument("study", help="a study YAML, e.g. configs/studies/quick.yaml")
     parser.add_argument("--devices", default=None,
                         help="run side by side: 'auto', GPU indices '0,1', or a number of CPU workers")
+    parser.add_argument("--per-device", type=int, default=1,
+                        help="runs side by side on each device (small models leave a GPU idle)")
     parser.add_argument("--executor", default="local", choices=["local", "submitit-local", "slurm"])
     parser.add_argument("--slurm", default="{}", help="submitit parameters as JSON, e.g. '{\"gpus_per_node\": 1}'")
     parser.add_argument("--wandb", default=None, choices=["online", "offline", "disabled"],
@@ -243,6 +244,9 @@ def main(argv: list[str]):
             todo.append(spec)
     progress.event(study["name"], f"{len(specs)} runs, {progress.skipped} already finished")
     slots = _parse_devices(args.devices)
+    if args.per_device < 1:
+        raise UsageError(f"--per-device {args.per_device}: give a positive number of runs per device")
+    slots = [s for s in slots for _ in range(args.per_device)] if slots else None
     if args.executor != "local":
         run_submitit(todo, "local" if args.executor == "submitit-local" else "slurm", args.work_dir, progress,
                      json.loads(args.slurm))
@@ -266,11 +270,14 @@ def _log_leaderboard(study: str, results: Path, work_dir: str, mode: str):
 
     import wandb
 
-    rows = list(csv.reader((results / "leaderboard.csv").open()))
+    with (results / "leaderboard.csv").open() as f:
+        header, *rows = csv.reader(f)
+    numeric = {"mean", "std", "ci95", "n"}  # text in the CSV, numbers in the table: W&B sorts and plots them
+    data = [[(float(v) if v else None) if c in numeric else v for c, v in zip(header, row)] for row in rows]
     Path(work_dir, study).mkdir(parents=True, exist_ok=True)
     run = wandb.init(project=os.environ.get("WANDB_PROJECT", "latent-bench"), group=study, name=f"{study}-leaderboard",
                      job_type="leaderboard", dir=str(Path(work_dir, study)), mode=mode, reinit="create_new")
-    run.log({"leaderboard": wandb.Table(columns=rows[0], data=rows[1:])})
+    run.log({"leaderboard": wandb.Table(columns=header, data=data)})
     run.finish()
 
 

@@ -1,0 +1,351 @@
+"""The study executor: every run of a study leaves one finished record, a rerun skips finished runs and
+resumes a killed one to the same numbers, a diverged run is recorded as such and the study goes on, runs go
+side by side in worker processes or through submitit, and W&B's offline files read back.
+
+Runs are tiny (8x8 digits, a few batches of two epochs, a small evaluation). Most studies run in this
+process through ``benchmark.study.main``; a killed run, the workers and submitit need other processes, and
+each of those pays ~8-10 s of imports.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from benchmark import study as study_mod
+from benchmark.records import read_record
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+DATASET = "digits_binary"
+BATCH_SIZE = 64  # configs/data/digits_binary.yaml
+EVALUATION = {"iw_samples": 5, "fid_samples": 0, "max_codes": 100, "expost_epochs": 1, "gmm_components": 2}
+RECORD_FIELDS = {"study", "run", "dataset", "variant", "seed", "status", "reason", "diverged_step", "config", "code",
+                 "env", "device", "timings", "metrics", "protocol", "samples", "created"}
+WANDB = [str(REPO / ".venv" / "bin" / "wandb")] if (REPO / ".venv" / "bin" / "wandb").is_file() else \
+    [sys.executable, "-m", "wandb"]
+
+
+def write_study(folder: Path, name: str, variants: list[str], seeds: list[int], epochs: int = 2,
+                batches: int = 3, variant_overrides: dict | None = None) -> Path:
+    study = {"name": name, "configs": str(CONFIGS), "trainer": "cpu", "datasets": [DATASET], "variants": variants,
+             "seeds": seeds, "evaluation": EVALUATION,
+             "overrides": {"trainer.max_epochs": epochs, "trainer.limit_train_batches": batches,
+                           "trainer.enable_progress_bar": False}}
+    if variant_overrides:
+        study["variant_overrides"] = variant_overrides
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(study))
+    return path
+
+
+def run_study(path: Path, results: Path, work: Path, *extra: str) -> int:
+    return study_mod.main([str(path), "--results", str(results), "--work-dir", str(work), *extra])
+
+
+def run_name(variant: str, seed: int) -> str:
+    return f"{DATASET}-{variant}-s{seed}"
+
+
+def records_of(results: Path, study: str) -> dict[str, dict]:
+    return {p.stem: read_record(p) for p in sorted((results / "runs" / study).glob("*.json"))}
+
+
+def progress_lines(out: str) -> list[str]:
+    return [line for line in out.splitlines() if line.startswith("[") and "| done " in line]
+
+
+def subprocess_env() -> dict:
+    """The test's environment (W&B offline, caches in tmp) on one torch thread, like this process."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# A finished study (3 variants x 2 seeds), tracked by W&B offline; shared by the record and W&B tests
+# ------------------------------------------------------------------------------------------------------------
+
+VARIANTS, SEEDS, EPOCHS, BATCHES = ["ae", "vae", "no_info"], [0, 1], 2, 3
+
+
+@pytest.fixture(scope="module")
+def finished_study(tmp_path_factory, one_thread):
+    root = tmp_path_factory.mktemp("study")
+    path = write_study(root, "tiny", VARIANTS, SEEDS, EPOCHS, BATCHES)
+    results, work = root / "results", root / "runs"
+    code = run_study(path, results, work, "--wandb", "offline")
+    return {"path": path, "results": results, "work": work, "code": code, "study": "tiny"}
+
+
+def test_a_study_writes_one_finished_self_describing_record_per_run_and_the_leaderboard(finished_study):
+    results = finished_study["results"]
+    assert finished_study["code"] == 0
+    records = records_of(results, "tiny")
+    assert set(records) == {run_name(v, s) for v in VARIANTS for s in SEEDS}
+    for name, r in records.items():
+        assert RECORD_FIELDS <= set(r), name
+        assert r["status"] == "finished" and r["reason"] is None and r["diverged_step"] is None, (name, r["reason"])
+        assert (r["study"], r["run"], r["dataset"]) == ("tiny", name, DATASET)
+        assert run_name(r["variant"], r["seed"]) == name
+        # the resolved config is the object graph that ran
+        assert r["config"]["seed_everything"] == r["seed"]
+        assert r["config"]["model"]["class_path"].startswith("benchmark.variants.")
+        assert r["config"]["model"]["init_args"]["data_shape"] == [1, 8, 8]
+        assert r["config"]["trainer"]["max_epochs"] == EPOCHS
+        assert set(r["code"]) == {"commit", "dirty"} and r["env"]["torch"] and r["env"]["python"]
+        assert r["device"] == "cpu"
+        t = r["timings"]
+        assert t["train_s"] > 0 and t["evaluate_s"] > 0 and t["epochs"] == EPOCHS and t["resumed"] is False
+        # throughput counts the images trained on: limit_train_batches full batches an epoch
+        assert t["train_images_per_s"] * t["train_s"] == pytest.approx(EPOCHS * BATCHES * BATCH_SIZE)
+        m = r["metrics"]
+        assert math.isfinite(m["elbo"]) and m["elbo"] < 0 and m["distortion"] > 0, name
+        assert r["protocol"]["iw_samples"] == EVALUATION["iw_samples"]
+        assert r["protocol"]["epochs"] == EPOCHS and r["protocol"]["image_size"] == 8
+        assert (results / "runs" / "tiny" / r["samples"]).is_file()
+    deterministic = {r["protocol"]["elbo_posterior"] for r in records.values() if r["variant"] == "ae"}
+    assert deterministic == {"ex-post Gaussian"}
+    md, csv_text = (results / "leaderboard.md").read_text(), (results / "leaderboard.csv").read_text()
+    assert "## tiny / digits_binary" in md
+    for variant in VARIANTS:
+        assert f"| {variant} |" in md
+        assert f"tiny,digits_binary,{variant},elbo," in csv_text
+
+
+def test_a_second_invocation_skips_every_finished_run_without_retraining(finished_study, capsys):
+    results, work = finished_study["results"], finished_study["work"]
+    files = sorted((results / "runs").rglob("*.json")) + sorted(work.rglob("*.ckpt"))
+    assert len(files) == 2 * len(VARIANTS) * len(SEEDS)
+    before = {f: (f.stat().st_mtime_ns, f.read_bytes()) for f in files}
+    capsys.readouterr()
+    assert run_study(finished_study["path"], results, work, "--wandb", "disabled") == 0
+    lines = progress_lines(capsys.readouterr().out)
+    assert any("6 runs, 6 already finished" in line for line in lines), lines
+    assert all("skipped 6" in line for line in lines), lines
+    assert not any("started" in line for line in lines), lines
+    assert {f: (f.stat().st_mtime_ns, f.read_bytes()) for f in files} == before
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Resuming a killed run
+# ------------------------------------------------------------------------------------------------------------
+
+def _checkpoint_epoch(path: Path) -> int | None:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)["epoch"]  # as Lightning loads it
+    except (OSError, RuntimeError, EOFError, KeyError):
+        return None
+
+
+def test_a_run_killed_after_a_checkpoint_resumes_to_the_numbers_of_an_uninterrupted_run(tmp_path):
+    epochs = 12  # epochs 3..11 (~1 s) are the margin between seeing the checkpoint and the kill
+    path = write_study(tmp_path, "resume", ["vae"], [0], epochs=epochs, batches=5)
+    killed, fresh = tmp_path / "killed", tmp_path / "fresh"
+    run = run_name("vae", 0)
+    ckpt = killed / "runs" / "resume" / run / "checkpoints" / "last.ckpt"
+    cmd = [sys.executable, "-m", "benchmark.cli", "run", str(path), "--results", str(killed / "results"),
+           "--work-dir", str(killed / "runs"), "--wandb", "disabled"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=subprocess_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while (epoch := _checkpoint_epoch(ckpt) if ckpt.exists() else None) is None or epoch < 2:
+            assert proc.poll() is None, f"the run ended (exit {proc.returncode}) before a checkpoint of epoch 2"
+            assert time.monotonic() < deadline, "no checkpoint of epoch 2 within 120 s"
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    at_kill = _checkpoint_epoch(ckpt)
+    assert 2 <= at_kill < epochs - 1, at_kill  # killed part way: the resume has epochs left to train
+    assert not (killed / "results" / "runs" / "resume" / f"{run}.json").exists()
+
+    assert run_study(path, killed / "results", killed / "runs", "--wandb", "disabled") == 0
+    assert run_study(path, fresh / "results", fresh / "runs", "--wandb", "disabled") == 0
+    resumed = read_record(killed / "results" / "runs" / "resume" / f"{run}.json")
+    reference = read_record(fresh / "results" / "runs" / "resume" / f"{run}.json")
+    assert resumed["status"] == reference["status"] == "finished"
+    assert resumed["timings"]["resumed"] is True and reference["timings"]["resumed"] is False
+    assert resumed["timings"]["epochs"] == reference["timings"]["epochs"] == epochs
+    assert resumed["metrics"].keys() == reference["metrics"].keys()
+    for key, value in reference["metrics"].items():
+        assert resumed["metrics"][key] == pytest.approx(value, rel=1e-6, abs=1e-9, nan_ok=True), key
+    # only the epochs after the checkpoint were trained in the resumed call
+    images = resumed["timings"]["train_images_per_s"] * resumed["timings"]["train_s"]
+    assert images == pytest.approx((epochs - at_kill - 1) * 5 * BATCH_SIZE)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Divergence
+# ------------------------------------------------------------------------------------------------------------
+
+def test_diverged_runs_are_recorded_as_diverged_and_the_study_goes_on(tmp_path, capsys):
+    # lr 1e6: the VAE's weights turn NaN and the next step's Normal(NaN, .) raises; the AE's loss turns
+    # NaN without an error and the epoch-end guard stops it. no_info trains normally.
+    huge_lr = {"model.init_args.lr": 1.0e6}
+    path = write_study(tmp_path, "diverge", ["vae", "ae", "no_info"], [0],
+                       variant_overrides={"vae": huge_lr, "ae": huge_lr})
+    results, work = tmp_path / "results", tmp_path / "runs"
+    assert run_study(path, results, work, "--wandb", "offline") == 1  # a run did not finish
+    records = records_of(results, "diverge")
+    assert records[run_name("no_info", 0)]["status"] == "finished"
+    for variant in ("vae", "ae"):
+        r = records[run_name(variant, 0)]
+        assert r["status"] == "diverged", (variant, r["status"], r["reason"])
+        assert isinstance(r["diverged_step"], int) and r["diverged_step"] > 0, variant
+        assert "\n" not in r["reason"], r["reason"]  # one line, not a NaN tensor's repr
+        assert r["metrics"] == {} and r["samples"] is None
+    lines = progress_lines(capsys.readouterr().out)
+    assert sum(": diverged" in line for line in lines) == 2, lines
+    assert any(run_name("no_info", 0) + ": finished" in line for line in lines), lines
+    assert records[run_name("vae", 0)]["reason"].startswith("non-finite weights")
+    assert records[run_name("ae", 0)]["reason"].startswith("training loss is nan")
+    rows = [line for line in (results / "leaderboard.md").read_text().splitlines() if line.startswith("| ")]
+    assert any("| vae |" in row and row.endswith("| 1 | 0 |") for row in rows), rows  # 1 diverged, 0 failed
+    summary = inspect_summary(offline_run(work / "diverge" / run_name("vae", 0)))
+    assert summary["summary"]["status"] == "diverged"
+    assert not any(k.startswith("final/") for k in summary["summary"])
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Bad or stale records
+# ------------------------------------------------------------------------------------------------------------
+
+def test_a_finished_record_is_never_rewritten_and_its_run_never_trained(tmp_path, capsys):
+    path = write_study(tmp_path, "fake", ["ae"], [0])
+    results, work = tmp_path / "results", tmp_path / "runs"
+    record = results / "runs" / "fake" / f"{run_name('ae', 0)}.json"
+    record.parent.mkdir(parents=True)
+    record.write_text(json.dumps({"study": "fake", "run": run_name("ae", 0), "dataset": DATASET, "variant": "ae",
+                                  "seed": 0, "status": "finished", "metrics": {"elbo": -1.0}}))
+    before = (record.stat().st_mtime_ns, record.read_bytes())
+    assert run_study(path, results, work, "--wandb", "disabled") == 0
+    assert (record.stat().st_mtime_ns, record.read_bytes()) == before
+    assert not (work / "fake" / run_name("ae", 0)).exists()  # no checkpoint, no W&B run: nothing trained
+    assert any("1 already finished" in line for line in progress_lines(capsys.readouterr().out))
+
+
+def test_unreadable_or_unfinished_records_are_rerun_and_replaced(tmp_path):
+    path = write_study(tmp_path, "stale", ["no_info"], [0, 1, 2])
+    results, work = tmp_path / "results", tmp_path / "runs"
+    folder = results / "runs" / "stale"
+    folder.mkdir(parents=True)
+    (folder / f"{run_name('no_info', 0)}.json").write_text('{"study": "stale", "run": ')  # cut short
+    (folder / f"{run_name('no_info', 1)}.json").write_text("[]")  # JSON, not a record
+    (folder / f"{run_name('no_info', 2)}.json").write_text(json.dumps(
+        {"study": "stale", "run": run_name("no_info", 2), "status": "failed", "reason": "killed"}))
+    with pytest.warns(UserWarning, match="replacing unreadable record"):
+        assert run_study(path, results, work, "--wandb", "disabled") == 0
+    records = records_of(results, "stale")
+    assert {name: r["status"] for name, r in records.items()} == {run_name("no_info", s): "finished" for s in (0, 1, 2)}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Side by side, and through submitit
+# ------------------------------------------------------------------------------------------------------------
+
+def test_two_cpu_workers_run_two_runs_at_once(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
+    path = write_study(tmp_path, "workers", ["no_info"], [0, 1])
+    results, work = tmp_path / "results", tmp_path / "runs"
+    assert run_study(path, results, work, "--devices", "2", "--wandb", "disabled") == 0
+    lines = progress_lines(capsys.readouterr().out)
+    assert any("running 2" in line for line in lines), lines
+    records = records_of(results, "workers")
+    assert {r["status"] for r in records.values()} == {"finished"} and len(records) == 2
+    for name in records:
+        assert (work / "workers" / name / "log.txt").is_file()  # each run had its own worker
+    # the runs overlapped: each started (after its worker's imports) before the other's record was written
+    a, b = (results / "runs" / "workers" / f"{n}.json" for n in sorted(records))
+    started = {p: datetime.fromisoformat(read_record(p)["created"]).timestamp() for p in (a, b)}
+    assert started[a] <= b.stat().st_mtime and started[b] <= a.stat().st_mtime
+
+
+def test_submitit_local_executor_runs_the_study_and_writes_records(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # relative results/ and runs/, as the CLI's defaults: the jobs must agree
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
+    path = write_study(tmp_path / "studies", "sub", ["no_info"], [0])
+    code = study_mod.main([str(path), "--executor", "submitit-local", "--wandb", "disabled",
+                           "--slurm", json.dumps({"timeout_min": 5})])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert any("1 jobs submitted (local)" in line for line in progress_lines(out))
+    record = read_record(tmp_path / "results" / "runs" / "sub" / f"{run_name('no_info', 0)}.json")
+    assert record["status"] == "finished" and math.isfinite(record["metrics"]["elbo"])
+    assert any((tmp_path / "runs" / "submitit").glob("*_result.pkl"))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# W&B offline files, read back without a server
+# ------------------------------------------------------------------------------------------------------------
+
+def offline_run(folder: Path) -> Path:
+    runs = sorted((folder / "wandb").glob("offline-run-*"))
+    assert runs, f"no offline W&B run under {folder}"
+    return runs[-1]
+
+
+def inspect_summary(run_dir: Path) -> dict:
+    out = subprocess.run(WANDB + ["leet", "inspect", "--summary", "--json", str(run_dir)], capture_output=True,
+                         text=True, timeout=60, check=True).stdout
+    return json.loads(out)
+
+
+def inspect_run_record(run_dir: Path) -> dict:
+    out = subprocess.run(WANDB + ["leet", "inspect", "--json", str(run_dir)], capture_output=True, text=True,
+                         timeout=60, check=True).stdout
+    return next(json.loads(line)["run"] for line in out.splitlines() if '"type":"run"' in line)
+
+
+def test_each_run_reads_back_from_its_offline_wandb_files(finished_study):
+    work, results = finished_study["work"], finished_study["results"]
+    for variant in VARIANTS:
+        for seed in SEEDS:
+            assert len(list((work / "tiny" / run_name(variant, seed) / "wandb").glob("offline-run-*"))) == 1
+    name = run_name("vae", 0)
+    run_dir = offline_run(work / "tiny" / name)
+    inspected = inspect_summary(run_dir)
+    record = read_record(results / "runs" / "tiny" / f"{name}.json")
+    summary = inspected["summary"]
+    assert inspected["state"] == "finished" and inspected["name"] == name
+    assert summary["status"] == "finished"
+    for key, value in record["metrics"].items():
+        if value is not None and math.isfinite(value):
+            assert summary[f"final/{key}"] == pytest.approx(value), key
+    assert summary["timings/train_s"] == pytest.approx(record["timings"]["train_s"])
+    assert inspected["config"]["model"]["class_path"] == "benchmark.variants.VAE"
+    image = summary["samples/prior"]
+    assert image["_type"] == "image-file" and (run_dir / "files" / image["path"]).is_file()
+    assert list((run_dir / "files" / "media" / "images").rglob("*.png"))
+    assert inspect_run_record(run_dir)["run_group"] == "tiny"
+
+
+def test_the_leaderboard_is_a_wandb_table_in_the_study_group(finished_study):
+    work, results = finished_study["work"], finished_study["results"]
+    runs = sorted((work / "tiny" / "wandb").glob("offline-run-*"))
+    boards = [r for r in runs if inspect_run_record(r).get("job_type") == "leaderboard"]
+    assert len(boards) == 1, runs
+    run = inspect_run_record(boards[0])
+    assert run["run_group"] == "tiny" and run["display_name"] == "tiny-leaderboard"
+    tables = list((boards[0] / "files" / "media" / "table").glob("*.table.json"))
+    assert len(tables) == 1
+    table = json.loads(tables[0].read_text())
+    header, *rows = (results / "leaderboard.csv").read_text().splitlines()
+    assert table["columns"] == header.split(",")
+    assert len(table["data"]) == len(rows)
+    first = dict(zip(table["columns"], table["data"][0]))
+    assert isinstance(first["mean"], float) and isinstance(first["n"], (int, float))  # numbers, not text
+    assert first["mean"] == pytest.approx(float(rows[0].split(",")[4]))
