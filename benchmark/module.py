@@ -105,3 +105,6 @@ class LatentVariableModel(L.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+
+    def on_save_checkpoint(self, checkpoint):
+        checkpoint["variant_class"] = f"{type(self).__module__}.{type(self).__qualname__}"

@@ -7,6 +7,7 @@ live in a work folder outside ``results`` (``runs/`` by default, ignored by git)
 from __future__ import annotations
 
 import json
+import pickle
 import os
 import time
 import traceback
@@ -185,7 +186,50 @@ def _log_to_wandb(logger, record: dict, spec: RunSpec):
 
 
 def evaluate_checkpoint_main(argv: list[str]):
-    """``latent-bench evaluate CKPT``: re-evaluate a checkpoint of a run and rewrite its record's metrics."""
-    if len(argv) != 1 or not Path(argv[0]).is_file():
-        raise UsageError("usage: latent-bench evaluate CKPT (a checkpoint file written by a run)")
-    raise UsageError("not yet")
+    """``latent-bench evaluate CKPT [--set FIELD=VALUE ...] [--output FILE]``: evaluate a run's checkpoint
+    (the model and DataModule are rebuilt from the hyperparameters it holds) and print the metrics as JSON.
+    Run records are never rewritten; ``--output`` writes the result to a new JSON file."""
+    import argparse
+
+    import lightning as L
+    import yaml
+
+    from benchmark.data import LatentDataModule
+    from benchmark.variants import VARIANTS
+    from benchmark.records import write_record
+
+    parser = argparse.ArgumentParser(prog="latent-bench evaluate", description=evaluate_checkpoint_main.__doc__)
+    parser.add_argument("checkpoint")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="an EvaluationConfig field, e.g. --set iw_samples=5000")
+    parser.add_argument("--output", default=None, help="write {metrics, protocol} to this JSON file")
+    args = parser.parse_args(argv)
+    ckpt = Path(args.checkpoint)
+    if not ckpt.is_file():
+        raise UsageError(f"checkpoint {ckpt} does not exist; pass runs/<study>/<run>/checkpoints/last.ckpt")
+    fields = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or key not in EvaluationConfig.__dataclass_fields__:
+            raise UsageError(f"--set {item!r}: write FIELD=VALUE with a field of {sorted(EvaluationConfig.__dataclass_fields__)}")
+        fields[key] = yaml.safe_load(value)
+    try:
+        saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+        cls = {f"{c.__module__}.{c.__qualname__}": c for c in VARIANTS.values()}[saved["variant_class"]]
+        model = cls.load_from_checkpoint(ckpt, map_location="cpu")
+        data = LatentDataModule.load_from_checkpoint(ckpt)
+    except (KeyError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        raise UsageError(f"{ckpt} is not a latent-bench checkpoint ({type(e).__name__}); pass a run's last.ckpt") from e
+    data.prepare_data()
+    data.setup("fit")
+    cfg = EvaluationConfig(**fields)
+
+    def make_trainer(**overrides):
+        return L.Trainer(**{"accelerator": "auto", "devices": 1, "logger": False, "enable_checkpointing": False,
+                            "enable_progress_bar": False, "enable_model_summary": False, **overrides})
+
+    out = evaluate(model, data, cfg, make_trainer)
+    print(json.dumps(out["metrics"], indent=2))
+    if args.output:
+        write_record(args.output, {"study": "evaluate", "run": ckpt.parent.parent.name, "status": "finished",
+                                   "checkpoint": str(ckpt), **out})
