@@ -184,12 +184,15 @@ def evaluate(model: LatentVariableModel, datamodule, cfg: EvaluationConfig, make
     ``make_trainer(**overrides)`` builds a Trainer with the run's strategy and devices. Returns the metrics
     and a description of the protocol for the run record."""
     datamodule.setup("test")
+    L.seed_everything(cfg.seed, verbose=False)  # the evaluation of a model is a function of the model alone
     model.eval()
     x_train, y_train = datamodule.grey["train"]
     expost = None
     if is_deterministic(model, x_train[:1].to(model.device)):
         expost = ExPostPosterior(model)
-        make_trainer(max_epochs=cfg.expost_epochs).fit(expost, datamodule=datamodule)
+        # whole splits, whatever the run's limit_*_batches: the evaluation depends on the model alone
+        make_trainer(max_epochs=cfg.expost_epochs, limit_train_batches=1.0, limit_val_batches=0,
+                     num_sanity_val_steps=0).fit(expost, datamodule=datamodule)
         expost.eval()
     model.eval()
 
@@ -207,7 +210,7 @@ def evaluate(model: LatentVariableModel, datamodule, cfg: EvaluationConfig, make
             gmm = fit_gmm(codes, cfg.gmm_components, cfg.seed)
 
     evaluation = Evaluation(model, cfg, expost, extractor, reference, gmm)
-    trainer = make_trainer()
+    trainer = make_trainer(limit_test_batches=1.0)
     trainer.test(evaluation, datamodule=datamodule, verbose=False)
     results = evaluation.results or {k[len("test/"):]: float(v) for k, v in trainer.callback_metrics.items()
                                      if k.startswith("test/")}
