@@ -3,7 +3,8 @@
 encode -> posterior q(z|x) -> z ~ q (reparametrised) -> decode -> likelihood p(x|z) -> objective.
 A variant states two things only (see ``variants.py``): its posterior head (``make_posterior``) and its
 regulariser (``regularizer``). The objective it trains on and the ELBO it is evaluated on are kept apart:
-the objective is ``distortion + weight * regularizer``; the ELBO is ``-(distortion + KL(q || p))``.
+the objective is ``distortion + weight * regularizer`` (+ a decoder regulariser, RAE's only); the ELBO is
+``-(distortion + KL(q || p))``.
 """
 
 from __future__ import annotations
@@ -60,6 +61,10 @@ class LatentVariableModel(L.LightningModule):
         """The variant's penalty on the batch's codes z (B, D), scalar. None for the plain autoencoder."""
         return z.new_zeros(())
 
+    def decoder_regularizer(self, z: Tensor, x_out: Tensor) -> Tensor:
+        """A penalty on the decoder's smoothness (RAE's L_REG), already weighted. None by default."""
+        return z.new_zeros(())
+
     # --- the model ------------------------------------------------------------------------------------
     def prior(self, like: Tensor, batch_shape=()) -> Distribution:
         return standard_normal(self.hparams.latent_dim, like, batch_shape)
@@ -88,7 +93,7 @@ class LatentVariableModel(L.LightningModule):
         x_out = self.decoder(z)
         distortion = -self.likelihood(x_out).log_prob(x).mean()  # nats per image
         reg = self.regularizer(z, qz_x, x_out)
-        loss = distortion + self.hparams.weight * reg
+        loss = distortion + self.hparams.weight * reg + self.decoder_regularizer(z, x_out)
         self.log_dict({f"{stage}/loss": loss, f"{stage}/distortion": distortion, f"{stage}/regularizer": reg},
                       on_step=False, on_epoch=True, sync_dist=stage != "train", batch_size=len(x),
                       prog_bar=stage != "train")

@@ -89,11 +89,13 @@ class RAE(LatentVariableModel):
                     nn.utils.parametrizations.spectral_norm(m)
 
     def regularizer(self, z, qz_x, x_out):
-        reg = 0.5 * z.pow(2).sum(-1).mean()
-        if self.hparams.decoder_reg == "gp":
-            (grad,) = torch.autograd.grad(x_out.sum(), z, create_graph=True)
-            reg = reg + self.hparams.decoder_weight / self.hparams.weight * grad.pow(2).sum(-1).mean()
-        return reg
+        return 0.5 * z.pow(2).sum(-1).mean()
+
+    def decoder_regularizer(self, z, x_out):
+        if self.hparams.decoder_reg != "gp":
+            return super().decoder_regularizer(z, x_out)  # l2 is weight decay, sn a reparametrisation
+        (grad,) = torch.autograd.grad(x_out.sum(), z, create_graph=True)
+        return self.hparams.decoder_weight * grad.pow(2).sum(-1).mean()
 
     def configure_optimizers(self):
         if self.hparams.decoder_reg != "l2":

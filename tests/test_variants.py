@@ -140,8 +140,11 @@ def test_rae_decoder_regularisers(reg, x):
     m = make("rae", decoder_reg=reg)
     q = m.posterior(x)
     z = q.rsample()
-    value = m.regularizer(z, q, m.decoder(z))
+    out = m.decoder(z)
+    value = m.regularizer(z, q, out)
     assert torch.isfinite(value) and value > 0
+    penalty = m.decoder_regularizer(z, out)
+    assert (penalty > 0) if reg == "gp" else (penalty == 0)
     opt = m.configure_optimizers()
     decays = sorted(g.get("weight_decay", 0) for g in opt.param_groups)
     assert decays[-1] == (1e-3 if reg == "l2" else 0)
@@ -159,9 +162,15 @@ def test_every_variant_learns_to_reconstruct(name, x):
         z = q.rsample()
         out = m.decoder(z)
         distortion = -m.likelihood(out).log_prob(x).mean()
-        loss = distortion + m.hparams.weight * m.regularizer(z, q, out)
+        loss = distortion + m.hparams.weight * m.regularizer(z, q, out) + m.decoder_regularizer(z, out)
         opt.zero_grad()
         loss.backward()
         opt.step()
         distortions.append(float(distortion))
     assert distortions[-1] < distortions[0] - 0.5, name
+
+
+def test_rae_gradient_penalty_does_not_depend_on_the_code_penalty_weight(x):
+    m = make("rae", decoder_reg="gp", weight=0.0)
+    z = m.posterior(x).rsample()
+    assert m.decoder_regularizer(z, m.decoder(z)) > 0
