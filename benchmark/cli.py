@@ -84,6 +84,20 @@ def _lightning_info_on_stdout():
             h.setStream(stream)
 
 
+def parse_assignments(items: list[str], fields=None) -> dict:
+    """``--set KEY=VALUE`` options -> {KEY: VALUE}, values read as YAML; ``fields`` limits the keys."""
+    import yaml
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or (fields is not None and key not in fields):
+            allowed = f" with KEY one of {sorted(fields)}" if fields is not None else ", e.g. trainer.max_epochs=2"
+            raise UsageError(f"--set {item!r}: write KEY=VALUE{allowed}")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv else "-h"

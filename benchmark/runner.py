@@ -7,11 +7,11 @@ live in a work folder outside ``results`` (``runs/`` by default, ignored by git)
 from __future__ import annotations
 
 import json
-import pickle
 import os
+import pickle
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
@@ -154,8 +154,7 @@ def _protocol(model, data, trainer, out) -> dict:
     return {**out["protocol"], "likelihood": hp.likelihood, "binarize": data.hparams.binarize,
             "network": hp.network, "hidden": list(hp.hidden), "latent_dim": hp.latent_dim,
             "image_size": data.shape[-1],
-            "epochs": trainer.current_epoch, "batch_size": data.hparams.batch_size,
-            "fid_samples": out["protocol"]["fid_samples"], "iw_samples": out["protocol"]["iw_samples"]}
+            "epochs": trainer.current_epoch, "batch_size": data.hparams.batch_size}
 
 
 def _save_samples(model, spec: RunSpec, n: int = 64) -> Optional[str]:
@@ -192,8 +191,8 @@ def evaluate_checkpoint_main(argv: list[str]):
     import argparse
 
     import lightning as L
-    import yaml
 
+    from benchmark.cli import parse_assignments
     from benchmark.data import LatentDataModule
     from benchmark.variants import VARIANTS
     from benchmark.records import write_record
@@ -207,12 +206,7 @@ def evaluate_checkpoint_main(argv: list[str]):
     ckpt = Path(args.checkpoint)
     if not ckpt.is_file():
         raise UsageError(f"checkpoint {ckpt} does not exist; pass runs/<study>/<run>/checkpoints/last.ckpt")
-    fields = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep or key not in EvaluationConfig.__dataclass_fields__:
-            raise UsageError(f"--set {item!r}: write FIELD=VALUE with a field of {sorted(EvaluationConfig.__dataclass_fields__)}")
-        fields[key] = yaml.safe_load(value)
+    fields = parse_assignments(args.set, EvaluationConfig.__dataclass_fields__)
     try:
         saved = torch.load(ckpt, map_location="cpu", weights_only=True)
         cls = {f"{c.__module__}.{c.__qualname__}": c for c in VARIANTS.values()}[saved["variant_class"]]

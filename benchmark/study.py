@@ -225,12 +225,9 @@ def main(argv: list[str]):
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override for every run, e.g. --set trainer.max_epochs=2")
     args = parser.parse_args(argv)
-    overrides = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise UsageError(f"--set {item!r}: write KEY=VALUE, e.g. trainer.max_epochs=2")
-        overrides[key] = yaml.safe_load(value)
+    from benchmark.cli import parse_assignments
+
+    overrides = parse_assignments(args.set)
     wandb = args.wandb or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
     study = load_study(args.study)
     specs = expand(study, args.results, args.work_dir, wandb, overrides)

@@ -9,7 +9,7 @@ from typing import Literal, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 from torch.func import functional_call
 
 from benchmark import regularizers as R
