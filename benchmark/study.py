@@ -25,7 +25,7 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import yaml
@@ -65,8 +65,17 @@ def _keyed(configs: Path, kind: str, key: str) -> str:
     return str(f)
 
 
-def expand(study: dict, results_dir="results", work_dir="runs", wandb="offline", overrides=None) -> list[RunSpec]:
-    """The study's runs, in a stable order: dataset, then variant, then seed."""
+def expand(study: dict, results_dir="results", work_dir="runs", wandb="offline", overrides=None,
+           evaluation=None) -> list[RunSpec]:
+    """The study's runs, in a stable order: dataset, then variant, then seed.
+
+    ``overrides`` (trainer/model/data keys) and ``evaluation`` (EvaluationConfig fields) win over the study's."""
+    from benchmark.evaluation import EvaluationConfig
+
+    evaluation = {**study.get("evaluation", {}), **(evaluation or {})}
+    unknown = set(evaluation) - {f.name for f in fields(EvaluationConfig)}
+    if unknown:
+        raise UsageError(f"unknown evaluation field(s) {sorted(unknown)}; see benchmark.evaluation.EvaluationConfig")
     configs = Path(study["configs"])
     trainer = _keyed(configs, "trainer", study.get("trainer", "cpu"))
     specs = []
@@ -80,7 +89,7 @@ def expand(study: dict, results_dir="results", work_dir="runs", wandb="offline",
                     seed=int(seed), config_files=[trainer, model, data],
                     overrides={**study.get("overrides", {}), **study.get("variant_overrides", {}).get(variant, {}),
                                **(overrides or {})},
-                    evaluation=study.get("evaluation", {}), results_dir=str(results_dir),
+                    evaluation=evaluation, results_dir=str(results_dir),
                     work_dir=str(work_dir), wandb=wandb))
     return specs
 
@@ -223,14 +232,15 @@ def main(argv: list[str]):
     parser.add_argument("--results", default="results", help="where run records and the leaderboard go")
     parser.add_argument("--work-dir", default="runs", help="checkpoints and W&B files (not results)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override for every run, e.g. --set trainer.max_epochs=2")
+                        help="override for every run, e.g. --set trainer.max_epochs=2 or --set evaluation.iw_samples=100")
     args = parser.parse_args(argv)
     from benchmark.cli import parse_assignments
 
     overrides = parse_assignments(args.set)
+    evaluation = {k.removeprefix("evaluation."): overrides.pop(k) for k in list(overrides) if k.startswith("evaluation.")}
     wandb = args.wandb or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
     study = load_study(args.study)
-    specs = expand(study, args.results, args.work_dir, wandb, overrides)
+    specs = expand(study, args.results, args.work_dir, wandb, overrides, evaluation)
     progress = Progress(len(specs))
     todo = []
     for spec in specs:

@@ -114,3 +114,26 @@ def test_likelihood_metric_is_the_mean_and_independent_of_batching():
         assert math.isclose(res["elbo"], float(-(d + r).mean()), rel_tol=1e-6)
         assert math.isclose(res["nll_iw"], float(-l.mean()), rel_tol=1e-6)
         assert math.isclose(res["rate"], float(r.mean()), rel_tol=1e-6)
+
+
+def test_isotropic_normal_equals_independent_normal_in_value_gradient_and_moments():
+    from torch.distributions import Independent, Normal
+
+    from benchmark.likelihoods import IsotropicNormal
+
+    torch.manual_seed(0)
+    loc = torch.randn(5, 3, 1, 4, 4, requires_grad=True)
+    log_scale = torch.tensor(-0.7, requires_grad=True)
+    x = torch.randn(3, 1, 4, 4)
+    ours = IsotropicNormal(loc, log_scale)
+    ref = Independent(Normal(loc, log_scale.exp().expand_as(loc)), 3)
+    assert ours.batch_shape == ref.batch_shape == (5, 3) and ours.event_shape == ref.event_shape
+    lp, lp_ref = ours.log_prob(x), ref.log_prob(x)
+    torch.testing.assert_close(lp, lp_ref)
+    g = torch.autograd.grad(lp.sum(), (loc, log_scale))
+    g_ref = torch.autograd.grad(lp_ref.sum(), (loc, log_scale))
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(ours.variance, ref.variance)
+    draws = IsotropicNormal(torch.zeros(1, 8, 8), torch.tensor(math.log(2.0))).rsample((20_000,))
+    assert draws.shape == (20_000, 1, 8, 8) and abs(draws.std().item() - 2.0) < 0.02
