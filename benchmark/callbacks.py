@@ -18,13 +18,20 @@ class Diverged(RuntimeError):
 
 
 class DivergenceGuard(L.Callback):
-    """Stops the run when an epoch's mean training loss is not finite. Checked once an epoch, so the
-    training step never waits on the host; a NaN step makes the epoch's mean NaN."""
+    """Stops the run when an epoch's training loss is not finite. The step losses are summed on the device
+    and checked once an epoch, so the training step never waits on the host; one NaN step makes the sum NaN."""
+
+    def __init__(self):
+        self._sum = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        loss = outputs["loss"].detach() if isinstance(outputs, dict) else outputs.detach()
+        self._sum = loss if self._sum is None else self._sum + loss
 
     def on_train_epoch_end(self, trainer, pl_module):
-        loss = trainer.callback_metrics.get("train/loss")
-        if loss is not None and not torch.isfinite(loss):
-            raise Diverged(trainer.global_step, float(loss))
+        total, self._sum = self._sum, None
+        if total is not None and not torch.isfinite(total):
+            raise Diverged(trainer.global_step, float(total))
 
 
 class ImageCount(L.Callback):

@@ -17,6 +17,7 @@ from typing import Callable, Literal, Optional
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
@@ -203,12 +204,13 @@ class LatentDataModule(L.LightningDataModule):
             val/test binarised once) or ``static`` (every split binarised once).
         batch_size: training batch size; evaluation uses ``eval_batch_size``.
         seed: seeds the train/val split and the fixed binarisations.
+        pad: zero pixels added on every side (2 makes MNIST 32x32, as the RAE protocol has it).
         on_device: hold the tensors on the training device (GPU), so batches never cross the bus.
     """
 
     def __init__(self, dataset: str = "digits", root: str = "data", path: Optional[str] = None,
                  binarize: Binarize = "none", batch_size: int = 128, eval_batch_size: int = 1000,
-                 seed: int = 0, on_device: bool = True):
+                 seed: int = 0, pad: int = 0, on_device: bool = True):
         super().__init__()
         if dataset not in DATASETS:
             raise UsageError(f"unknown dataset {dataset!r}; choose one of {sorted(DATASETS)}")
@@ -217,6 +219,8 @@ class LatentDataModule(L.LightningDataModule):
         for key, size in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
             if size < 1:
                 raise UsageError(f"data.{key} must be a positive integer, got {size}")
+        if pad < 0:
+            raise UsageError(f"data.pad must be a non-negative number of pixels, got {pad}")
         if path is not None and not Path(path).exists():
             raise UsageError(f"data file {path} does not exist; fix data.path or drop it to download")
         self.save_hyperparameters()
@@ -226,7 +230,9 @@ class LatentDataModule(L.LightningDataModule):
 
     @property
     def shape(self) -> tuple[int, int, int]:
-        return self.spec.shape
+        c, h, w = self.spec.shape
+        p = self.hparams.pad
+        return c, h + 2 * p, w + 2 * p
 
     @property
     def binary(self) -> bool:
@@ -245,6 +251,8 @@ class LatentDataModule(L.LightningDataModule):
         if self.splits:
             return
         xtr, ytr, xte, yte = self._load()
+        if self.hparams.pad:
+            xtr, xte = (F.pad(x, [self.hparams.pad] * 4) for x in (xtr, xte))
         g = torch.Generator().manual_seed(self.hparams.seed)
         perm = torch.randperm(len(xtr), generator=g)
         val, train = perm[: self.spec.val_size], perm[self.spec.val_size:]

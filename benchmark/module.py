@@ -13,13 +13,16 @@ from typing import Sequence
 
 import lightning as L
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.distributions import Distribution
+from torchmetrics import MeanMetric
 
 from benchmark.errors import UsageError
 from benchmark.latents import Deterministic, Posterior, standard_normal
 from benchmark.likelihoods import make_likelihood
 from benchmark.nets import NETWORKS
+
+TERMS = ("loss", "distortion", "regularizer")  # logged as {stage}/{term}, means over the epoch's images
 
 
 class LatentVariableModel(L.LightningModule):
@@ -51,6 +54,11 @@ class LatentVariableModel(L.LightningModule):
         self.encoder = make_encoder(data_shape, self.head.n_params(latent_dim), hidden)
         self.decoder = make_decoder(latent_dim, data_shape, hidden)
         self.likelihood = make_likelihood(likelihood, sigma, learn_sigma)
+        # Epoch means of the objective's terms, kept on the device and reduced over processes by torchmetrics,
+        # logged once an epoch: a per-step ``self.log`` costs milliseconds of Python, 10-15% of a CPU step.
+        # NaNs are kept (nan_strategy disable): a diverged epoch must show a NaN loss.
+        self.terms = nn.ModuleDict({f"{stage}_{term}": MeanMetric(nan_strategy="disable")
+                                    for stage in ("train", "val", "test") for term in TERMS})
 
     # --- what a variant states -----------------------------------------------------------------------
     def make_posterior(self) -> Posterior:
@@ -94,10 +102,16 @@ class LatentVariableModel(L.LightningModule):
         distortion = -self.likelihood(x_out).log_prob(x).mean()  # nats per image
         reg = self.regularizer(z, qz_x, x_out)
         loss = distortion + self.hparams.weight * reg + self.decoder_regularizer(z, x_out)
-        self.log_dict({f"{stage}/loss": loss, f"{stage}/distortion": distortion, f"{stage}/regularizer": reg},
-                      on_step=False, on_epoch=True, sync_dist=stage != "train", batch_size=len(x),
-                      prog_bar=stage != "train")
+        for term, value in zip(TERMS, (loss.detach(), distortion.detach(), reg.detach())):
+            self.terms[f"{stage}_{term}"].update(value, len(x))
         return loss
+
+    def _log_terms(self, stage: str):
+        metrics = {f"{stage}/{term}": self.terms[f"{stage}_{term}"] for term in TERMS}
+        means = {name: metric.compute() for name, metric in metrics.items()}
+        for metric in metrics.values():
+            metric.reset()
+        self.log_dict(means, prog_bar=stage != "train")
 
     def training_step(self, batch, batch_idx):
         return self._common_step(batch, "train")
@@ -107,6 +121,15 @@ class LatentVariableModel(L.LightningModule):
 
     def test_step(self, batch, batch_idx):
         self._common_step(batch, "test")
+
+    def on_train_epoch_end(self):
+        self._log_terms("train")
+
+    def on_validation_epoch_end(self):
+        self._log_terms("val")
+
+    def on_test_epoch_end(self):
+        self._log_terms("test")
 
     def configure_optimizers(self):
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)

@@ -377,20 +377,21 @@ def _canonical(v):
 
 def reproduction_rows(groups: Sequence[Group], references: Sequence[dict]) -> list[dict]:
     """One row per published value and matching (study, dataset, variant) group ("no runs" when the
-    dataset has runs but not that variant). Measured value and difference are filled only where the
+    dataset has runs but not that variant). A reference's ``dataset`` is a data config key or a list of them. Measured value and difference are filled only where the
     protocol matches; otherwise ``why`` says which field differs."""
     rows = []
     for ref in references:
         unchecked = ref.get("unsure", [])
+        datasets = [ref["dataset"]] if isinstance(ref["dataset"], str) else list(ref["dataset"])
         for item in ref["values"]:
-            base = dict(reference_id=ref["id"], dataset=ref["dataset"], metric=ref["metric"],
+            base = dict(reference_id=ref["id"], dataset=datasets[0], metric=ref["metric"],
                         variant=item["variant"], label=item.get("label", item["variant"]),
                         reference=item.get("value"), study=None, measured=None, difference=None, why="")
-            matches = [g for g in groups if g.dataset == ref["dataset"] and g.variant == item["variant"]]
-            if not matches and any(g.dataset == ref["dataset"] for g in groups):
+            matches = [g for g in groups if g.dataset in datasets and g.variant == item["variant"]]
+            if not matches and any(g.dataset in datasets for g in groups):
                 rows.append({**base, "why": "no runs"})
             for g in matches:
-                row = {**base, "study": g.study}
+                row = {**base, "study": g.study, "dataset": g.dataset}
                 diffs = protocol_differences(ref["protocol"], g.protocol, unchecked)
                 if not g.seeds:
                     row["why"] = "no finished runs"

@@ -92,8 +92,10 @@ class RAE(LatentVariableModel):
         return 0.5 * z.pow(2).sum(-1).mean()
 
     def decoder_regularizer(self, z, x_out):
-        if self.hparams.decoder_reg != "gp":
-            return super().decoder_regularizer(z, x_out)  # l2 is weight decay, sn a reparametrisation
+        if self.hparams.decoder_reg != "gp" or not z.requires_grad:
+            # l2 is weight decay, sn a reparametrisation; the gradient penalty needs autograd, so validation
+            # (run in inference mode) leaves it out of val/loss
+            return super().decoder_regularizer(z, x_out)
         (grad,) = torch.autograd.grad(x_out.sum(), z, create_graph=True)
         return self.hparams.decoder_weight * grad.pow(2).sum(-1).mean()
 

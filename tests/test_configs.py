@@ -30,7 +30,7 @@ QUICK = ["--trainer.fast_dev_run", "2", "--trainer.enable_progress_bar", "false"
 
 MODELS = sorted(p.stem for p in (CONFIGS / "model").glob("*.yaml") if p.stem != "conv")  # conv goes on top
 DOWNLOADED = {"cifar10": (3, 32, 32), "fashion_mnist": (1, 28, 28), "celeba64": (3, 64, 64)}
-MNIST_DATA = ["mnist", "mnist_binary"]
+MNIST_DATA = ["mnist", "mnist_binary", "mnist_static", "mnist_rae"]
 DIGITS_DATA = ["digits", "digits_binary"]
 
 
@@ -99,8 +99,12 @@ def test_digits_data_yaml_instantiates_and_trains(data, workdir):
 def test_mnist_data_yaml_trains_on_the_shared_pickle(data, mnist_pkl, workdir):
     extra = QUICK + ["--data.path", str(mnist_pkl)]
     built = fit_a_few_steps(args(CPU, yaml_of("model", "vae"), yaml_of("data", data), extra=extra))
-    assert tuple(built.model.hparams.data_shape) == (1, 28, 28)
-    assert len(built.datamodule.splits["val"]) == 10_000
+    side = 32 if data == "mnist_rae" else 28  # the RAE protocol pads MNIST to 32x32
+    assert tuple(built.model.hparams.data_shape) == (1, side, side)
+    x = built.datamodule.splits["val"].x
+    assert len(x) == 10_000 and x.shape[-2:] == (side, side)
+    if side == 32:  # zero border, digits unchanged inside
+        assert x[..., :2, :].abs().max() == 0 and x[..., 2:30, 2:30].abs().max() > 0
 
 
 @pytest.mark.parametrize("data", sorted(DOWNLOADED))

@@ -398,3 +398,13 @@ def test_the_registry_refuses_a_duplicate_name():
     with pytest.raises(KeyError, match="digits"):
         register_dataset("digits", shape=(1, 8, 8), val_size=1)(lambda root, path: None)
     assert DATASETS["digits"].shape == (1, 8, 8)
+
+
+def test_pad_adds_a_zero_border_and_rejects_negative_sizes():
+    data = LatentDataModule("digits", pad=2)
+    data.setup()
+    x = data.splits["train"].x
+    assert data.shape == (1, 12, 12) == tuple(x.shape[1:])
+    assert x[..., :2, :].abs().max() == 0 and x[..., :, -2:].abs().max() == 0
+    with pytest.raises(UsageError, match="data.pad"):
+        LatentDataModule("digits", pad=-1)

@@ -245,6 +245,18 @@ def test_reproduction_rows_report_missing_and_unsure_fields(tmp_path):
     assert row["difference"] == 2.0 and row["why"] == "not checked: image_size"
 
 
+def test_a_reference_may_name_several_data_configs_and_each_is_compared_on_its_own_protocol(tmp_path):
+    groups = aggregate([record("vae", 0, dataset="mnist_static", protocol={"binarize": "static"}, nll_iw=90.0),
+                        record("vae", 0, dataset="mnist_binary", protocol={"binarize": "dynamic"}, nll_iw=95.0),
+                        record("vae", 0, dataset="digits", protocol={"binarize": "static"}, nll_iw=9.0)])
+    ref = {"id": "r", "dataset": ["mnist_static", "mnist_binary"], "metric": "nll_iw", "source": {"paper": "P"},
+           "protocol": {"binarize": "static"}, "values": [{"variant": "vae", "value": 89.9}]}
+    rows = {r["dataset"]: r for r in reproduction_rows(groups, [ref])}
+    assert set(rows) == {"mnist_static", "mnist_binary"}  # digits is not named
+    assert rows["mnist_static"]["difference"] == pytest.approx(0.1)
+    assert rows["mnist_binary"]["measured"] is None and "binarize" in rows["mnist_binary"]["why"]
+
+
 def test_bundled_references_are_well_formed():
     from benchmark.records import load_references
 

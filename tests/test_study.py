@@ -370,3 +370,16 @@ def test_evaluate_rejects_a_file_that_is_not_a_checkpoint(tmp_path):
     bad.write_text("not a checkpoint")
     with pytest.raises(UsageError, match="not a latent-bench checkpoint"):
         evaluate_checkpoint_main([str(bad)])
+
+
+def test_set_overrides_evaluation_fields_and_rejects_unknown_ones(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump({"name": "s", "configs": str(CONFIGS), "datasets": ["digits_binary"],
+                                    "variants": ["vae"], "seeds": [0], "evaluation": {"iw_samples": 50}}))
+    study = study_mod.load_study(path)
+    (spec,) = study_mod.expand(study, str(tmp_path), overrides={"trainer.max_epochs": 1},
+                               evaluation={"fid_samples": 0})
+    assert spec.evaluation == {"iw_samples": 50, "fid_samples": 0}
+    assert spec.overrides["trainer.max_epochs"] == 1
+    with pytest.raises(study_mod.UsageError, match="unknown evaluation field.*'iw'"):
+        study_mod.expand(study, str(tmp_path), evaluation={"iw": 3})
