@@ -70,7 +70,8 @@ def pythae_throughput(name: str, x: torch.Tensor, epochs: int, batch_size: int, 
     if network != "mlp":
         print(f"  pythae: {name} skipped (only the MLP is built here)")
         return None
-    logging.getLogger("pythae").setLevel(logging.WARNING)
+    for logger in [n for n in logging.root.manager.loggerDict if n.startswith("pythae")]:
+        logging.getLogger(logger).setLevel(logging.WARNING)  # each pythae module logs to stdout at INFO
     torch.manual_seed(0)
     hidden, latent_dim = (500, 500), 20
     config_cls, model_cls = (VAEConfig, VAE) if variant == "vae" else (AEConfig, AE)
