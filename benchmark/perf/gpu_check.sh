@@ -17,6 +17,7 @@ start=$(date +%s)
 timeout "$STUDY_TIMEOUT" python3 -m benchmark.cli run "${STUDY:-configs/studies/seed_question_mnist.yaml}" --devices auto \
   --per-device "$PER_DEVICE" --wandb disabled --results "$OUT/results" --work-dir /tmp/gpu-runs \
   --set trainer.accelerator=auto --set data.path=.device/mnist.pkl.gz --set "trainer.max_epochs=$EPOCHS" \
+  --set evaluation.iw_samples=1000 --set evaluation.expost_epochs=5 \
   2>&1 | grep -v -i warn | tee "$OUT/study.log"
 echo "study wall time: $(( $(date +%s) - start )) s (epochs $EPOCHS, $PER_DEVICE runs per GPU)" | tee -a "$OUT/study.log"
 tar czf "$OUT/results.tgz" -C "$OUT" results 2>/dev/null && rm -rf "$OUT/results"

@@ -11,6 +11,7 @@ the speed-up over the first setting and the peak RSS of one run process.
 from __future__ import annotations
 
 import argparse
+import json
 import resource
 import subprocess
 import sys
@@ -37,7 +38,7 @@ def study_yaml(folder: Path, args) -> Path:
 def run_study(args, devices: str, per_device: int) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        cmd = [sys.executable, "-m", "benchmark.study", str(study_yaml(tmp, args)), "--devices", devices,
+        cmd = [sys.executable, "-m", "benchmark.cli", "run", str(study_yaml(tmp, args)), "--devices", devices,
                "--per-device", str(per_device), "--wandb", "disabled", "--results", str(tmp / "results"),
                "--work-dir", str(tmp / "runs")]
         if args.data:
@@ -46,7 +47,12 @@ def run_study(args, devices: str, per_device: int) -> float:
             cmd += ["--set", "trainer.accelerator=gpu"]
         start = time.perf_counter()
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-        return time.perf_counter() - start
+        wall = time.perf_counter() - start
+        records = [json.loads(p.read_text()) for p in (tmp / "results" / "runs" / "scaling").glob("*.json")]
+        finished = sum(r["status"] == "finished" for r in records)
+        if finished != args.runs:
+            raise RuntimeError(f"{finished} of {args.runs} runs finished; the timing would be meaningless")
+        return wall
 
 
 def main(argv=None):
