@@ -25,7 +25,7 @@ class DivergenceGuard(L.Callback):
         self._sum = None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        loss = outputs["loss"].detach() if isinstance(outputs, dict) else outputs.detach()
+        loss = outputs["loss"].detach()  # automatic optimisation hands the step's output over as a dict
         self._sum = loss if self._sum is None else self._sum + loss
 
     def on_train_epoch_end(self, trainer, pl_module):

@@ -377,8 +377,9 @@ def _canonical(v):
 
 def reproduction_rows(groups: Sequence[Group], references: Sequence[dict]) -> list[dict]:
     """One row per published value and matching (study, dataset, variant) group ("no runs" when the
-    dataset has runs but not that variant). A reference's ``dataset`` is a data config key or a list of them. Measured value and difference are filled only where the
-    protocol matches; otherwise ``why`` says which field differs."""
+    dataset has runs but not that variant); a reference's ``dataset`` is a data config key or a list of
+    them. Measured value and difference are filled only where the protocol matches; otherwise ``why``
+    says which field differs."""
     rows = []
     for ref in references:
         unchecked = ref.get("unsure", [])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import math
 import statistics
 import tempfile
 import time
@@ -24,13 +25,14 @@ from pythae.trainers import BaseTrainer, BaseTrainerConfig
 from pythae.trainers.training_callbacks import TrainingCallback
 from torch import nn
 
-from benchmark.nets import mlp
+from benchmark.nets import mlp, mlp_decoder
+from benchmark.perf.throughput import MODELS, make_model
 
 
 class _Encoder(BaseEncoder):
-    def __init__(self, latent_dim: int, hidden, variational: bool):
+    def __init__(self, shape, latent_dim: int, hidden, variational: bool):
         super().__init__()
-        self.body = nn.Sequential(nn.Flatten(), mlp([784, *hidden]), nn.ReLU())
+        self.body = nn.Sequential(nn.Flatten(), mlp([math.prod(shape), *hidden]), nn.ReLU())
         self.mean = nn.Linear(hidden[-1], latent_dim)
         self.log_var = nn.Linear(hidden[-1], latent_dim) if variational else None
 
@@ -43,9 +45,9 @@ class _Encoder(BaseEncoder):
 
 
 class _Decoder(BaseDecoder):
-    def __init__(self, latent_dim: int, hidden):
+    def __init__(self, shape, latent_dim: int, hidden):
         super().__init__()
-        self.net = nn.Sequential(mlp([latent_dim, *reversed(hidden), 784]), nn.Sigmoid(), nn.Unflatten(1, (1, 28, 28)))
+        self.net = nn.Sequential(mlp_decoder(latent_dim, shape, hidden), nn.Sigmoid())  # the suite's decoder
 
     def forward(self, z):
         return ModelOutput(reconstruction=self.net(z))
@@ -66,26 +68,27 @@ class _EpochTimer(TrainingCallback):
 
 def pythae_throughput(name: str, x: torch.Tensor, epochs: int, batch_size: int, device) -> float | None:
     """Training images/s of pythae's ``BaseTrainer`` after its first epoch; None for models it lacks here."""
-    variant, network = name.split("-")
-    if network != "mlp":
+    shape = tuple(x.shape[1:])
+    hp = make_model(name, shape).hparams  # the suite's model of that name: its network, widths and latent size
+    if hp.network != "mlp":
         print(f"  pythae: {name} skipped (only the MLP is built here)")
         return None
     for logger in [n for n in logging.root.manager.loggerDict if n.startswith("pythae")]:
         logging.getLogger(logger).setLevel(logging.WARNING)  # each pythae module logs to stdout at INFO
     torch.manual_seed(0)
-    hidden, latent_dim = (500, 500), 20
-    config_cls, model_cls = (VAEConfig, VAE) if variant == "vae" else (AEConfig, AE)
-    kwargs = {"reconstruction_loss": "bce"} if variant == "vae" else {}
-    config = config_cls(input_dim=(1, 28, 28), latent_dim=latent_dim, **kwargs)
-    model = model_cls(config, encoder=_Encoder(latent_dim, hidden, variant == "vae"),
-                      decoder=_Decoder(latent_dim, hidden))
+    variational = MODELS[name][0] == "vae"
+    config_cls, model_cls = (VAEConfig, VAE) if variational else (AEConfig, AE)
+    kwargs = {"reconstruction_loss": "bce"} if variational else {}
+    config = config_cls(input_dim=shape, latent_dim=hp.latent_dim, **kwargs)
+    model = model_cls(config, encoder=_Encoder(shape, hp.latent_dim, hp.hidden, variational),
+                      decoder=_Decoder(shape, hp.latent_dim, hp.hidden))
     data = torch.bernoulli(x.float().cpu())
     n = len(data) // batch_size * batch_size
     timer = _EpochTimer()
     quiet = io.StringIO()  # pythae prints every epoch and draws progress bars
     with tempfile.TemporaryDirectory() as out, contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
         training = BaseTrainerConfig(output_dir=out, per_device_train_batch_size=batch_size, num_epochs=epochs,
-                                     learning_rate=1e-3, no_cuda=device.type != "cuda")
+                                     learning_rate=hp.lr, no_cuda=device.type != "cuda")
         trainer = BaseTrainer(model, BaseDataset(data[:n], torch.zeros(n)), training_config=training,
                               callbacks=[timer])
         trainer.train()

@@ -11,7 +11,7 @@ the speed-up over the first setting and the peak RSS of one run process.
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import resource
 import subprocess
 import sys
@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 
 import yaml
+
+from benchmark.records import load_records
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -48,8 +50,7 @@ def run_study(args, devices: str, per_device: int) -> float:
         start = time.perf_counter()
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
         wall = time.perf_counter() - start
-        records = [json.loads(p.read_text()) for p in (tmp / "results" / "runs" / "scaling").glob("*.json")]
-        finished = sum(r["status"] == "finished" for r in records)
+        finished = sum(r["status"] == "finished" for r in load_records(tmp / "results"))
         if finished != args.runs:
             raise RuntimeError(f"{finished} of {args.runs} runs finished; the timing would be meaningless")
         return wall
@@ -74,7 +75,7 @@ def main(argv=None):
         device = torch.cuda.get_device_name() if args.gpu else "cpu"
     else:
         settings = [(w, 1) for w in args.workers.split(",")]
-        device = f"cpu ({__import__('os').cpu_count()} cores)"
+        device = f"cpu ({os.cpu_count()} cores)"
     print(f"device: {device}; {args.runs} runs of {args.variant} on {args.dataset}, {args.epochs} epochs each")
     print(f"{'devices':>8s} {'per-device':>10s} {'wall s':>8s} {'speed-up':>9s}")
     base = None
