@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 from argparse import ArgumentError
 from contextlib import contextmanager
 
@@ -44,9 +45,11 @@ def check_compatible(model: LatentVariableModel, data: LatentDataModule):
 def build_cli(args, run: bool = True, **kwargs) -> LatentBenchCLI:
     """Parse ``args`` (a list of CLI tokens) into the model, data and trainer; bad input -> UsageError."""
     try:
-        return LatentBenchCLI(LatentVariableModel, LatentDataModule, subclass_mode_model=True, args=args,
-                              run=run, seed_everything_default=0,
-                              parser_kwargs={"exit_on_error": False, "default_env": False}, **kwargs)
+        with warnings.catch_warnings():  # the tokens are always ours; sys.argv belongs to whoever called
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+            return LatentBenchCLI(LatentVariableModel, LatentDataModule, subclass_mode_model=True, args=args,
+                                  run=run, seed_everything_default=0,
+                                  parser_kwargs={"exit_on_error": False, "default_env": False}, **kwargs)
     except ArgumentError as e:
         raise UsageError(_one_line(e)) from e
     except Exception as e:  # jsonargparse wraps errors raised while instantiating classes

@@ -8,6 +8,7 @@ of which each rank decodes its slice, so a 2-process evaluation equals a 1-proce
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass
 from typing import Optional
 
@@ -179,12 +180,18 @@ class Evaluation(L.LightningModule):
 def evaluate(model: LatentVariableModel, datamodule, cfg: EvaluationConfig, make_trainer) -> dict:
     """Fit what the evaluation needs (ex-post posterior, GMM, FID extractor), then run it on the test split.
 
-    ``make_trainer(**overrides)`` builds a Trainer with the run's strategy and devices. Returns the metrics
-    and a description of the protocol for the run record."""
+    ``make_trainer(**overrides)`` builds a Trainer with the run's strategy and devices. Returns the metrics,
+    a description of the protocol for the run record, and the seconds each phase took."""
     datamodule.setup("test")
     L.seed_everything(cfg.seed, verbose=False)  # the evaluation of a model is a function of the model alone
     model.eval()
     x_train, y_train = datamodule.grey["train"]
+    timings, clock = {}, time.perf_counter()
+
+    def lap(name: str):
+        nonlocal clock
+        timings[name], clock = time.perf_counter() - clock, time.perf_counter()
+
     expost = None
     if is_deterministic(model, x_train[:1].to(model.device)):
         expost = ExPostPosterior(model)
@@ -192,6 +199,7 @@ def evaluate(model: LatentVariableModel, datamodule, cfg: EvaluationConfig, make
         make_trainer(max_epochs=cfg.expost_epochs, limit_train_batches=1.0, limit_val_batches=0,
                      num_sanity_val_steps=0).fit(expost, datamodule=datamodule)
         expost.eval()
+        lap("expost_fit_s")
     model.eval()
 
     extractor = reference = gmm = None
@@ -203,16 +211,19 @@ def evaluate(model: LatentVariableModel, datamodule, cfg: EvaluationConfig, make
         else:
             extractor = build_feature_extractor(cfg.fid_extractor, weights_path=cfg.inception_weights)
         reference = reference_statistics(name, datamodule.grey["test"][0], extractor, cache_dir=cfg.cache_dir)
+        lap("fid_reference_s")
         if cfg.gmm_components > 0:
             codes = training_codes(model, x_train, datamodule.binary, cfg.seed)
             gmm = fit_gmm(codes, cfg.gmm_components, cfg.seed)
+            lap("gmm_fit_s")
 
     evaluation = Evaluation(model, cfg, expost, extractor, reference, gmm)
     trainer = make_trainer(limit_test_batches=1.0)
     trainer.test(evaluation, datamodule=datamodule, verbose=False)
+    lap("test_pass_s")
     results = evaluation.results or {k[len("test/"):]: float(v) for k, v in trainer.callback_metrics.items()
                                      if k.startswith("test/")}
     protocol = {**asdict(cfg), "fid_reference": "test", "fid_image": "decoder mean",
                 "elbo_posterior": "ex-post Gaussian" if expost is not None else "encoder",
                 "fid_extractor_meta": getattr(extractor, "meta", None) if extractor is not None else None}
-    return {"metrics": results, "protocol": protocol}
+    return {"metrics": results, "protocol": protocol, "timings": timings}

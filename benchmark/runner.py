@@ -126,7 +126,7 @@ def train_and_evaluate(spec: RunSpec) -> dict:
                              "epochs": trainer.current_epoch, "resumed": resumed}
         start = time.perf_counter()
         out = evaluate(model, data, eval_cfg, make_trainer)
-        record["timings"]["evaluate_s"] = time.perf_counter() - start
+        record["timings"].update(evaluate_s=time.perf_counter() - start, evaluate_parts=out["timings"])
         record.update(status="finished", metrics=out["metrics"], protocol=_protocol(model, data, trainer, out))
     except Diverged as e:
         record.update(status="diverged", reason=str(e), diverged_step=e.step)

@@ -20,9 +20,11 @@ cluster through submitit (``--executor slurm``; ``submitit-local`` runs the same
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import multiprocessing
+import multiprocessing.connection
 import os
-import subprocess
 import sys
 import time
 from dataclasses import asdict, fields
@@ -155,38 +157,99 @@ def run_sequential(specs: list[RunSpec], progress: Progress):
         progress.finish(spec.name, record)
 
 
-def run_workers(specs: list[RunSpec], slots: list[str], progress: Progress):
-    """Side by side: each run in its own process, pinned to one device slot (a GPU index, or a share of
-    the CPU cores); as many at once as there are slots."""
+def run_workers(specs: list[RunSpec], slots: list[str], progress: Progress, run=None):
+    """Side by side: one long-lived worker process per device slot (a GPU index, or a share of the CPU cores)
+    takes runs one after another, so Python, torch and Lightning load once per slot, not once per run. A
+    worker that dies takes only its current run with it: that run is recorded as failed, the slot restarts."""
+    ctx = multiprocessing.get_context("spawn")  # a fork would copy this process's torch threads and CUDA state
     threads = max(1, (os.cpu_count() or 1) // len(slots))  # the cores are shared by every slot
-    pending, active = list(specs), {}  # slot index -> (process, spec, log file)
-    while pending or active:
-        for i, slot in enumerate(slots):
-            if i not in active and pending:
-                spec = pending.pop(0)
-                env = {**os.environ, "OMP_NUM_THREADS": str(threads), "LATENT_BENCH_THREADS": str(threads)}
-                if slot != "cpu":
-                    env["CUDA_VISIBLE_DEVICES"] = slot
+    pending, workers, running = list(specs), {}, {}  # slot -> (process, pipe); slot -> spec
+    try:
+        while pending or running:
+            for i, slot in enumerate(slots):
+                if i in running or not pending:
+                    continue
+                if i not in workers or not workers[i][0].is_alive():
+                    here, there = ctx.Pipe()
+                    proc = ctx.Process(target=_slot_worker, args=(slot, threads, there, run))
+                    proc.start()
+                    there.close()
+                    workers[i] = (proc, here)
+                spec = running[i] = pending.pop(0)
                 spec.run_dir.mkdir(parents=True, exist_ok=True)
-                log = open(spec.run_dir / "log.txt", "a")
-                proc = subprocess.Popen([sys.executable, "-m", "benchmark.study", "--worker",
-                                         json.dumps(asdict(spec))], env=env, stdout=log, stderr=subprocess.STDOUT)
-                active[i] = (proc, spec, log)
-                progress.running = len(active)
+                workers[i][1].send(asdict(spec))
+                progress.running = len(running)
                 progress.event(spec.name, f"started on {'cpu' if slot == 'cpu' else 'cuda:' + slot}")
-        time.sleep(0.2)
-        for i, (proc, spec, log) in list(active.items()):
-            if proc.poll() is None:
-                continue
-            log.close()
-            del active[i]
-            progress.running = len(active)
-            from benchmark.records import read_record
-            if spec.record_path.exists():
-                progress.finish(spec.name, read_record(spec.record_path))
-            else:
-                progress.finish(spec.name, {"status": "failed",
-                                            "reason": f"worker exited with {proc.returncode}; see {log.name}"})
+            busy = [workers[i][1] for i in running] + [workers[i][0].sentinel for i in running]
+            multiprocessing.connection.wait(busy)
+            for i in list(running):
+                proc, pipe = workers[i]
+                if not pipe.poll() and proc.is_alive():
+                    continue
+                try:
+                    error = pipe.recv()
+                except EOFError:  # the worker died mid-run (killed, out of memory, a crash in native code)
+                    proc.join()
+                    error = f"worker exited with {proc.exitcode}"
+                spec = running.pop(i)
+                progress.running = len(running)
+                _report(spec, error, progress)
+    finally:
+        for proc, pipe in workers.values():
+            if proc.is_alive():
+                pipe.send(None)
+        for proc, _ in workers.values():
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.kill()
+
+
+def _report(spec: RunSpec, error: str | None, progress: Progress):
+    from benchmark.records import read_record
+
+    log = spec.run_dir / "log.txt"
+    if error is None and spec.record_path.exists():
+        progress.finish(spec.name, read_record(spec.record_path))
+    else:
+        progress.finish(spec.name, {"status": "failed", "reason": f"{error or 'no record written'}; see {log}"})
+
+
+def _slot_worker(slot: str, threads: int, pipe, run=None):
+    """A worker's loop: take a run, do it with its output in the run's log.txt, say how it ended."""
+    import traceback
+
+    import torch
+
+    if slot != "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = slot  # read when CUDA starts, which no import has done yet
+    torch.set_num_threads(threads)
+    if run is None:
+        from benchmark.runner import train_and_evaluate as run
+    while (spec := pipe.recv()) is not None:
+        spec = RunSpec(**spec)
+        error = None
+        with _output_to(spec.run_dir / "log.txt"):
+            try:
+                run(spec)
+            except Exception as e:  # a bad config (UsageError) fails this run only; the study goes on
+                traceback.print_exc()
+                error = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+        pipe.send(error)
+
+
+@contextlib.contextmanager
+def _output_to(path: Path):
+    """Everything written to stdout and stderr, by Python or native code, goes to ``path`` (appended)."""
+    sys.stdout.flush(), sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(path, "a") as log:
+        os.dup2(log.fileno(), 1), os.dup2(log.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush(), sys.stderr.flush()
+            os.dup2(saved[0], 1), os.dup2(saved[1], 2)
+            os.close(saved[0]), os.close(saved[1])
 
 
 def run_submitit(specs: list[RunSpec], cluster: str, work_dir: str, progress: Progress, slurm: dict):
@@ -208,14 +271,6 @@ def run_submitit(specs: list[RunSpec], cluster: str, work_dir: str, progress: Pr
             record = {"status": "failed", "reason": f"{type(e).__name__}: {str(e).splitlines()[0]}"}
         progress.running -= 1
         progress.finish(spec.name, record)
-
-
-def _set_threads():
-    n = os.environ.get("LATENT_BENCH_THREADS")
-    if n:
-        import torch
-
-        torch.set_num_threads(int(n))
 
 
 def main(argv: list[str]):
@@ -286,16 +341,3 @@ def _log_leaderboard(study: str, results: Path, work_dir: str, mode: str):
                      job_type="leaderboard", dir=str(Path(work_dir, study)), mode=mode, reinit="create_new")
     run.log({"leaderboard": wandb.Table(columns=header, data=data)})
     run.finish()
-
-
-def _worker(spec_json: str):
-    from benchmark.runner import train_and_evaluate
-
-    _set_threads()
-    record = train_and_evaluate(RunSpec(**json.loads(spec_json)))
-    sys.exit(0 if record["status"] == "finished" else 1)
-
-
-if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
-        _worker(sys.argv[2])

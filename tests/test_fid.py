@@ -1,5 +1,6 @@
 """Invariants of benchmark.metrics.fid: no snapshots, tiny synthetic data, well under a minute on 2 CPU cores."""
 
+import copy
 import json
 import os
 import pickle
@@ -125,6 +126,16 @@ def test_batch_size_does_not_change_fid(domain_extractor, digits):
     real, fake = digits[0][:200], synthetic_digits(100, seed=3)[0]
     values = [fid.frechet_distance(fake, real, domain_extractor, batch_size=b) for b in (1, 7, 500)]
     assert values == pytest.approx([values[-1]] * 3, rel=1e-5)
+
+
+def test_domain_features_in_chunks_channels_last_equal_one_plain_batch(domain_extractor, digits):
+    images = digits[0][: 2 * fid.DomainFeatureExtractor.cpu_chunk + 50]  # two chunks and a remainder
+    plain = copy.deepcopy(domain_extractor.classifier).to(memory_format=torch.contiguous_format)
+    with torch.no_grad():
+        expected = plain.features(images.contiguous())
+        got = domain_extractor(images)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_reference_statistics_are_cached_and_equal_to_raw_images(domain_extractor, digits, tmp_path, monkeypatch):

@@ -256,17 +256,42 @@ def test_unreadable_or_unfinished_records_are_rerun_and_replaced(tmp_path):
 # Side by side, and through submitit
 # ------------------------------------------------------------------------------------------------------------
 
-def test_two_cpu_workers_run_two_runs_at_once(tmp_path, capsys, monkeypatch):
+def test_two_cpu_workers_run_three_runs_two_at_a_time(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", str(REPO))
-    path = write_study(tmp_path, "workers", ["no_info"], [0, 1])
+    path = write_study(tmp_path, "workers", ["no_info"], [0, 1, 2])
     results, work = tmp_path / "results", tmp_path / "runs"
     assert run_study(path, results, work, "--devices", "2", "--wandb", "disabled") == 0
     lines = progress_lines(capsys.readouterr().out)
     assert any("running 2" in line for line in lines), lines
     records = records_of(results, "workers")
-    assert {r["status"] for r in records.values()} == {"finished"} and len(records) == 2
-    for name in records:
-        assert (work / "workers" / name / "log.txt").is_file()  # each run had its own worker
+    assert {r["status"] for r in records.values()} == {"finished"} and len(records) == 3
+    for name in records:  # each run's output went to its own log, not the study's console
+        seed = records[name]["seed"]
+        assert f"Seed set to {seed}" in (work / "workers" / name / "log.txt").read_text()
+
+
+def pid_run(spec):
+    """A stand-in for a run: says which process did it, and dies hard for seed 1."""
+    from benchmark.records import write_record
+
+    if spec.seed == 1:
+        os._exit(3)
+    write_record(spec.record_path, {"study": spec.study, "run": spec.name, "dataset": spec.dataset,
+                                    "variant": spec.variant, "seed": spec.seed, "status": "finished",
+                                    "metrics": {"pid": os.getpid()}, "config": {}})
+
+
+def test_workers_are_reused_across_runs_and_a_dead_worker_fails_only_its_run(tmp_path):
+    study = {"name": "pool", "configs": str(CONFIGS), "datasets": [DATASET], "variants": ["no_info"],
+             "seeds": [0, 1, 2, 3, 4]}
+    specs = study_mod.expand(study, tmp_path / "results", tmp_path / "runs", "disabled")
+    progress = study_mod.Progress(len(specs))
+    study_mod.run_workers(specs, ["cpu", "cpu"], progress, run=pid_run)
+    records = records_of(tmp_path / "results", "pool")
+    assert set(records) == {run_name("no_info", s) for s in (0, 2, 3, 4)}
+    pids = {r["metrics"]["pid"] for r in records.values()}
+    assert 1 <= len(pids) <= 3, pids  # 4 runs on 2 slots, one slot restarted once: not a process per run
+    assert progress.done == 5 and progress.failed == 1
 
 
 def test_submitit_local_executor_runs_the_study_and_writes_records(tmp_path, capsys, monkeypatch):
