@@ -105,7 +105,7 @@ class RAE(LatentVariableModel):
         dec = set(self.decoder.parameters())
         groups = [{"params": [p for p in self.parameters() if p not in dec]},
                   {"params": list(dec), "weight_decay": self.hparams.decoder_weight}]
-        return torch.optim.Adam(groups, lr=self.hparams.lr)
+        return torch.optim.Adam(groups, lr=self.hparams.lr, fused=True)
 
 
 class KLRegularized(LatentVariableModel):
