@@ -184,6 +184,26 @@ def _log_to_wandb(logger, record: dict, spec: RunSpec):
     run.finish()
 
 
+def load_checkpoint(ckpt: str | Path, map_location="cpu"):
+    """The model and the DataModule (set up) of a run's checkpoint, rebuilt from the hyperparameters it holds."""
+    from benchmark.data import LatentDataModule
+    from benchmark.variants import VARIANTS
+
+    ckpt = Path(ckpt)
+    if not ckpt.is_file():
+        raise UsageError(f"checkpoint {ckpt} does not exist; pass runs/<study>/<run>/checkpoints/last.ckpt")
+    try:
+        saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+        cls = {f"{c.__module__}.{c.__qualname__}": c for c in VARIANTS.values()}[saved["variant_class"]]
+        model = cls.load_from_checkpoint(ckpt, map_location=map_location)
+        data = LatentDataModule.load_from_checkpoint(ckpt)
+    except (KeyError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        raise UsageError(f"{ckpt} is not a latent-bench checkpoint ({type(e).__name__}); pass a run's last.ckpt") from e
+    data.prepare_data()
+    data.setup("fit")
+    return model, data
+
+
 def evaluate_checkpoint_main(argv: list[str]):
     """``latent-bench evaluate CKPT [--set FIELD=VALUE ...] [--output FILE]``: evaluate a run's checkpoint
     (the model and DataModule are rebuilt from the hyperparameters it holds) and print the metrics as JSON.
@@ -193,8 +213,6 @@ def evaluate_checkpoint_main(argv: list[str]):
     import lightning as L
 
     from benchmark.cli import parse_assignments
-    from benchmark.data import LatentDataModule
-    from benchmark.variants import VARIANTS
     from benchmark.records import write_record
 
     parser = argparse.ArgumentParser(prog="latent-bench evaluate", description=evaluate_checkpoint_main.__doc__)
@@ -203,19 +221,9 @@ def evaluate_checkpoint_main(argv: list[str]):
                         help="an EvaluationConfig field, e.g. --set iw_samples=5000")
     parser.add_argument("--output", default=None, help="write {metrics, protocol} to this JSON file")
     args = parser.parse_args(argv)
-    ckpt = Path(args.checkpoint)
-    if not ckpt.is_file():
-        raise UsageError(f"checkpoint {ckpt} does not exist; pass runs/<study>/<run>/checkpoints/last.ckpt")
     fields = parse_assignments(args.set, EvaluationConfig.__dataclass_fields__)
-    try:
-        saved = torch.load(ckpt, map_location="cpu", weights_only=True)
-        cls = {f"{c.__module__}.{c.__qualname__}": c for c in VARIANTS.values()}[saved["variant_class"]]
-        model = cls.load_from_checkpoint(ckpt, map_location="cpu")
-        data = LatentDataModule.load_from_checkpoint(ckpt)
-    except (KeyError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
-        raise UsageError(f"{ckpt} is not a latent-bench checkpoint ({type(e).__name__}); pass a run's last.ckpt") from e
-    data.prepare_data()
-    data.setup("fit")
+    ckpt = Path(args.checkpoint)
+    model, data = load_checkpoint(ckpt)
     cfg = EvaluationConfig(**fields)
 
     def make_trainer(**overrides):

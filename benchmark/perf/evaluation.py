@@ -24,9 +24,8 @@ from benchmark.evaluation import ExPostPosterior, is_deterministic
 from benchmark.metrics.fid import FrechetDistanceToReference, build_feature_extractor, reference_statistics
 from benchmark.metrics.gaussianity import gaussianity
 from benchmark.metrics.likelihood import elbo_terms, index_noise, iw_log_likelihood
-from benchmark.runner import train_and_evaluate
+from benchmark.runner import load_checkpoint, train_and_evaluate
 from benchmark.study import expand, load_study
-from benchmark.variants import VARIANTS
 
 
 def study_runs(args, scratch: Path) -> list:
@@ -75,16 +74,9 @@ class Clock:
 
 def metric_timings(args, spec):
     """Each metric alone on the trained model of ``spec``."""
-    from benchmark.data import LatentDataModule
-
-    ckpt = spec.run_dir / "checkpoints" / "last.ckpt"
-    saved = torch.load(ckpt, map_location="cpu", weights_only=True)
-    cls = {f"{c.__module__}.{c.__qualname__}": c for c in VARIANTS.values()}[saved["variant_class"]]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = cls.load_from_checkpoint(ckpt, map_location=device).eval()
-    data = LatentDataModule.load_from_checkpoint(ckpt)
-    data.prepare_data()
-    data.setup("test")
+    model, data = load_checkpoint(spec.run_dir / "checkpoints" / "last.ckpt", map_location=device)
+    model.eval()
     clock = Clock(device)
     print(f"\nPart 2: each metric alone on {spec.name} ({device})")
     x_test = data.splits["test"].x.to(device)
