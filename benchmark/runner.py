@@ -19,7 +19,7 @@ from typing import Any, Optional
 import torch
 
 from benchmark.callbacks import Diverged, DivergenceGuard, ImageCount, RNGState
-from benchmark.errors import UsageError
+from benchmark.errors import UsageError, failure_reason
 from benchmark.evaluation import EvaluationConfig, evaluate
 
 
@@ -134,7 +134,7 @@ def train_and_evaluate(spec: RunSpec) -> dict:
         raise
     except Exception as e:  # a failed run is recorded with its reason; the study goes on
         traceback.print_exc()
-        reason = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"  # a NaN tensor's repr is 60 lines
+        reason = failure_reason(e)
         if not all(torch.isfinite(p).all() for p in model.parameters()):
             # Non-finite weights surface as an error in the next step (a distribution's argument check
             # refuses a NaN mean) before the epoch-end loss check sees them: that run diverged.

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import yaml
 
-from benchmark.errors import UsageError
+from benchmark.errors import UsageError, failure_reason
 from benchmark.runner import RunSpec
 
 STUDY_FIELDS = {"name", "configs", "trainer", "datasets", "variants", "seeds", "overrides", "variant_overrides",
@@ -233,7 +233,7 @@ def _slot_worker(slot: str, threads: int, pipe, run=None):
                 run(spec)
             except Exception as e:  # a bad config (UsageError) fails this run only; the study goes on
                 traceback.print_exc()
-                error = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+                error = failure_reason(e)
         pipe.send(error)
 
 
@@ -268,7 +268,7 @@ def run_submitit(specs: list[RunSpec], cluster: str, work_dir: str, progress: Pr
         try:
             record = job.result()
         except Exception as e:  # a job that died: the run is recorded as failed by nobody else
-            record = {"status": "failed", "reason": f"{type(e).__name__}: {str(e).splitlines()[0]}"}
+            record = {"status": "failed", "reason": failure_reason(e)}
         progress.running -= 1
         progress.finish(spec.name, record)
 
