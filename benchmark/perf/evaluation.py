@@ -101,8 +101,9 @@ def metric_timings(args, spec):
                                                             train_images=x_train, train_labels=y_train)}
     if args.inception:
         extractors["inception"] = lambda: build_feature_extractor("inception", weights_path=args.inception)
+    built = {}
     for name, build in extractors.items():
-        extractor = clock(f"fid {name}: extractor (cached after once)", lambda: build().to(device))
+        extractor = built[name] = clock(f"fid {name}: extractor (cached after once)", lambda: build().to(device))
         # Inception at 299x299 is ~5 images/s on a laptop CPU: there it is timed on a subset, and the
         # 10k figure is a projection (the Frechet distance itself is milliseconds).
         n = args.fid_samples if name == "domain" or device.type == "cuda" else min(args.fid_samples, 200)
@@ -115,19 +116,17 @@ def metric_timings(args, spec):
         clock(f"fid {name}: features of {n} prior samples", features)
         if n < args.fid_samples:
             print(f"  {'':36s} {clock.last * args.fid_samples / n:8.0f} s projected for {args.fid_samples}")
-    if "domain" in extractors:
-        extractor = build_feature_extractor("domain", dataset=data.hparams.dataset, train_images=x_train,
-                                            train_labels=y_train).to(device)
-        ref = reference_statistics(data.hparams.dataset, data.grey["test"][0], extractor)
+    domain = built["domain"]
+    ref = reference_statistics(data.hparams.dataset, data.grey["test"][0], domain)
 
-        @torch.no_grad()
-        def fid():
-            metric = FrechetDistanceToReference(extractor, ref).to(device)
-            for _ in range(0, args.fid_samples, 1000):
-                metric.update(model.sample(1000))
-            return float(metric.compute())
+    @torch.no_grad()
+    def fid():
+        metric = FrechetDistanceToReference(domain, ref).to(device)
+        for _ in range(0, args.fid_samples, 1000):
+            metric.update(model.sample(1000))
+        return float(metric.compute())
 
-        clock(f"fid domain: whole metric, {args.fid_samples} samples", fid)
+    clock(f"fid domain: whole metric, {args.fid_samples} samples", fid)
     with torch.no_grad():
         codes = torch.cat([model.posterior(x).mean for x in x_test.split(1000)])
     clock(f"gaussianity ({args.max_codes} codes)", lambda: gaussianity(codes[: args.max_codes].cpu()))
