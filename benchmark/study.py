@@ -96,7 +96,7 @@ def expand(study: dict, results_dir="results", work_dir="runs", wandb="offline",
     return specs
 
 
-def _parse_devices(devices: str | None) -> list[str] | None:
+def parse_devices(devices: str | None) -> list[str] | None:
     """'auto' -> every GPU (else every CPU core); '0,1' -> those GPUs; 'N' (no GPU) -> N CPU workers."""
     if devices is None:
         return None
@@ -305,7 +305,7 @@ def main(argv: list[str]):
         else:
             todo.append(spec)
     progress.event(study["name"], f"{len(specs)} runs, {progress.skipped} already finished")
-    slots = _parse_devices(args.devices)
+    slots = parse_devices(args.devices)
     if args.per_device < 1:
         raise UsageError(f"--per-device {args.per_device}: give a positive number of runs per device")
     slots = [s for s in slots for _ in range(args.per_device)] if slots else None

@@ -24,7 +24,7 @@ from pathlib import Path
 import yaml
 
 from benchmark.records import load_records
-from benchmark.study import _parse_devices as parse_devices
+from benchmark.study import parse_devices
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
