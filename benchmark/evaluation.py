@@ -9,9 +9,7 @@ of which each rank decodes its slice, so a 2-process evaluation equals a 1-proce
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
-from typing import Optional
-
+from dataclasses import asdict
 import lightning as L
 import numpy as np
 import torch
@@ -27,33 +25,7 @@ from benchmark.metrics.gaussianity import LatentGaussianity
 from benchmark.metrics.likelihood import LikelihoodBounds, elbo_terms, index_noise, iw_log_likelihood
 from benchmark.module import LatentVariableModel
 from benchmark.nets import mlp
-
-
-@dataclass
-class EvaluationConfig:
-    """What to measure after training and how much of it.
-
-    Args:
-        iw_samples: K of the importance-weighted bound (0 skips ``nll_iw``).
-        fid_samples: images decoded from the prior (and from the GMM) for FID; 0 skips FID.
-        fid_extractor: ``domain`` (a small classifier trained on the dataset, for CPUs) or ``inception``.
-        inception_weights: a local Inception file (a TorchScript ``.pt`` or torch-fidelity's ``.pth``).
-        gmm_components: components of the full-covariance mixture fitted to training codes (RAE protocol).
-        max_codes: codes kept for the Gaussianity battery (a seeded subset; see ``LatentGaussianity``).
-        expost_epochs: epochs fitting the ex-post posterior of deterministic encoders.
-        seed: seeds every sample drawn by the evaluation.
-        cache_dir: where extractors and reference statistics are cached.
-    """
-
-    iw_samples: int = 1000
-    fid_samples: int = 10_000
-    fid_extractor: str = "domain"
-    inception_weights: Optional[str] = None
-    gmm_components: int = 10
-    max_codes: int = 10_000
-    expost_epochs: int = 5
-    seed: int = 0
-    cache_dir: Optional[str] = None
+from benchmark.spec import EvaluationConfig
 
 
 class ExPostPosterior(L.LightningModule):

@@ -11,49 +11,16 @@ import os
 import pickle
 import time
 import traceback
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
 from benchmark.callbacks import Diverged, DivergenceGuard, ImageCount, RNGState
 from benchmark.errors import UsageError, failure_reason
-from benchmark.evaluation import EvaluationConfig, evaluate
-
-
-@dataclass
-class RunSpec:
-    """Everything a run needs, small enough to travel to a worker process as JSON."""
-
-    study: str
-    name: str                       # e.g. "digits-vae-s0"
-    dataset: str                    # dataset key of the study (the data config's name)
-    variant: str                    # variant key (the model config's name)
-    seed: int
-    config_files: list[str]         # trainer, model, data YAMLs, in that order
-    overrides: dict[str, Any] = field(default_factory=dict)   # dotted keys, e.g. {"trainer.max_epochs": 5}
-    evaluation: dict[str, Any] = field(default_factory=dict)  # EvaluationConfig fields
-    results_dir: str = "results"
-    work_dir: str = "runs"
-    wandb: str = "offline"          # online | offline | disabled
-
-    @property
-    def record_path(self) -> Path:
-        return Path(self.results_dir) / "runs" / self.study / f"{self.name}.json"
-
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.work_dir) / self.study / self.name
-
-    def cli_args(self) -> list[str]:
-        args = []
-        for f in self.config_files:
-            args += ["--config", f]
-        for k, v in {**self.overrides, "seed_everything": self.seed}.items():
-            args += [f"--{k}", v if isinstance(v, str) else json.dumps(v)]
-        return args
+from benchmark.evaluation import evaluate
+from benchmark.spec import EvaluationConfig, RunSpec
 
 
 def _device_name(trainer) -> str:
@@ -78,7 +45,7 @@ def train_and_evaluate(spec: RunSpec) -> dict:
     fails or diverges: that is recorded as such, so a study goes on."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from benchmark.cli import build_cli
+    from benchmark.lightning_cli import build_cli
     from benchmark.records import code_version, environment, read_record, write_record
 
     try:

@@ -33,7 +33,7 @@ from pathlib import Path
 import yaml
 
 from benchmark.errors import UsageError, failure_reason
-from benchmark.runner import RunSpec
+from benchmark.spec import EvaluationConfig, RunSpec
 
 STUDY_FIELDS = {"name", "configs", "trainer", "datasets", "variants", "seeds", "overrides", "variant_overrides",
                 "evaluation"}
@@ -72,12 +72,10 @@ def expand(study: dict, results_dir="results", work_dir="runs", wandb="offline",
     """The study's runs, in a stable order: dataset, then variant, then seed.
 
     ``overrides`` (trainer/model/data keys) and ``evaluation`` (EvaluationConfig fields) win over the study's."""
-    from benchmark.evaluation import EvaluationConfig
-
     evaluation = {**study.get("evaluation", {}), **(evaluation or {})}
     unknown = set(evaluation) - {f.name for f in fields(EvaluationConfig)}
     if unknown:
-        raise UsageError(f"unknown evaluation field(s) {sorted(unknown)}; see benchmark.evaluation.EvaluationConfig")
+        raise UsageError(f"unknown evaluation field(s) {sorted(unknown)}; see benchmark.spec.EvaluationConfig")
     configs = Path(study["configs"])
     trainer = _keyed(configs, "trainer", study.get("trainer", "cpu"))
     specs = []
@@ -147,14 +145,16 @@ def _finished(spec: RunSpec) -> bool:
 
 
 def run_sequential(specs: list[RunSpec], progress: Progress):
+    from benchmark.cli import lightning_info_on_stdout
     from benchmark.runner import train_and_evaluate
 
-    for spec in specs:
-        progress.running = 1
-        progress.event(spec.name, "started")
-        record = train_and_evaluate(spec)
-        progress.running = 0
-        progress.finish(spec.name, record)
+    with lightning_info_on_stdout():
+        for spec in specs:
+            progress.running = 1
+            progress.event(spec.name, "started")
+            record = train_and_evaluate(spec)
+            progress.running = 0
+            progress.finish(spec.name, record)
 
 
 def run_workers(specs: list[RunSpec], slots: list[str], progress: Progress, run=None):

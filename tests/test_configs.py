@@ -16,9 +16,8 @@ import pytest
 import torch
 import yaml
 
-from benchmark import cli
-from benchmark.cli import build_cli
-from benchmark.runner import RunSpec
+from benchmark.lightning_cli import LatentBenchCLI, build_cli
+from benchmark.spec import RunSpec
 from benchmark.study import expand, load_study
 from benchmark.variants import VARIANTS
 
@@ -124,7 +123,7 @@ def test_gpu_trainer_yaml_parses(monkeypatch):
                           save_config_callback=None)
         assert built.trainer.accelerator.__class__.__name__ == "CUDAAccelerator"
         return
-    monkeypatch.setattr(cli.LatentBenchCLI, "instantiate_classes", lambda self: None)  # no GPU: parse only
+    monkeypatch.setattr(LatentBenchCLI, "instantiate_classes", lambda self: None)  # no GPU: parse only
     parsed = build_cli(args(yaml_of("trainer", "gpu"), yaml_of("model", "vae"), DIGITS), run=False,
                        save_config_callback=None)
     assert parsed.config.trainer.accelerator == "gpu" and parsed.config.trainer.precision == "32-true"
@@ -144,13 +143,13 @@ STUDIES = sorted((CONFIGS / "studies").glob("*.yaml"))
 
 @pytest.mark.parametrize("study_file", STUDIES, ids=lambda p: p.stem)
 def test_study_yaml_expands_into_runs_whose_configs_parse(study_file, monkeypatch):
-    from benchmark.evaluation import EvaluationConfig
+    from benchmark.spec import EvaluationConfig
 
     study = load_study(study_file)
     specs = expand(study, results_dir="r", work_dir="w", wandb="disabled")
     assert len(specs) == len(study["datasets"]) * len(study["variants"]) * len(study["seeds"])
     assert len({s.name for s in specs}) == len(specs)
-    monkeypatch.setattr(cli.LatentBenchCLI, "instantiate_classes", lambda self: None)  # parse, check keys
+    monkeypatch.setattr(LatentBenchCLI, "instantiate_classes", lambda self: None)  # parse, check keys
     for spec in specs:
         assert isinstance(spec, RunSpec) and all(Path(f).is_file() for f in spec.config_files)
         assert class_path(spec.variant).rsplit(".", 1)[1] in {c.__name__ for c in VARIANTS.values()}

@@ -256,6 +256,21 @@ def test_unreadable_or_unfinished_records_are_rerun_and_replaced(tmp_path):
 # Side by side, and through submitit
 # ------------------------------------------------------------------------------------------------------------
 
+def test_a_study_is_read_checked_and_expanded_without_loading_torch_or_lightning(tmp_path):
+    """A study's parent process dispatches runs to workers that load torch and Lightning (~10 s a process)
+    themselves; bad study input is reported before either is loaded."""
+    path = write_study(tmp_path, "light", ["ae", "vae"], [0])
+    code = ("import sys; from benchmark import cli, study; "
+            f"study.expand(study.load_study({str(path)!r})); "
+            f"status = cli.main(['run', {str(tmp_path / 'absent.yaml')!r}]); "
+            "print(status, sorted(m for m in ('torch', 'lightning') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], env=subprocess_env(), capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "2 []"
+    assert "absent.yaml does not exist" in proc.stderr
+
+
 def test_two_cpu_workers_run_three_runs_two_at_a_time(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", str(REPO))
     path = write_study(tmp_path, "workers", ["no_info"], [0, 1, 2])

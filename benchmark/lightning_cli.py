@@ -1,0 +1,59 @@
+"""The model, the data and the trainer, built from YAML configs by LightningCLI (``latent-bench fit`` and
+every run of a study)."""
+
+from __future__ import annotations
+
+import warnings
+from argparse import ArgumentError
+
+from lightning.pytorch.cli import LightningCLI
+
+from benchmark.data import LatentDataModule
+from benchmark.errors import UsageError
+from benchmark.module import LatentVariableModel
+
+
+class LatentBenchCLI(LightningCLI):
+    """LightningCLI whose model's image shape comes from the DataModule."""
+
+    def add_arguments_to_parser(self, parser):
+        parser.link_arguments("data.shape", "model.init_args.data_shape", apply_on="instantiate")
+
+    def instantiate_classes(self):
+        super().instantiate_classes()
+        check_compatible(self.model, self.datamodule)
+
+
+def check_compatible(model: LatentVariableModel, data: LatentDataModule):
+    """Fail before training when the likelihood cannot model the data."""
+    if model.hparams.likelihood == "bernoulli" and not data.binary:
+        raise UsageError("the Bernoulli likelihood needs binary data but data.binarize is none; "
+                         "set data.binarize to dynamic or static, or use model.init_args.likelihood gaussian")
+
+def build_cli(args, run: bool = True, **kwargs) -> LatentBenchCLI:
+    """Parse ``args`` (a list of CLI tokens) into the model, data and trainer; bad input -> UsageError."""
+    try:
+        with warnings.catch_warnings():  # the tokens are always ours; sys.argv belongs to whoever called
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+            return LatentBenchCLI(LatentVariableModel, LatentDataModule, subclass_mode_model=True, args=args,
+                                  run=run, seed_everything_default=0,
+                                  parser_kwargs={"exit_on_error": False, "default_env": False}, **kwargs)
+    except ArgumentError as e:
+        raise UsageError(_one_line(e)) from e
+    except Exception as e:  # jsonargparse wraps errors raised while instantiating classes
+        cause = e
+        while cause is not None and not isinstance(cause, UsageError):
+            cause = cause.__cause__
+        if cause is None:
+            raise
+        raise cause from None
+
+
+_NOISE = ("NoneType", "Given value", "Subtypes:", "Errors:", "Does not validate against any", "Parser key")
+
+
+def _one_line(e: BaseException) -> str:
+    """jsonargparse's nested report -> its informative lines, plus where to look up the valid fields."""
+    lines = [s.strip(" -") for s in str(e).splitlines()]
+    lines = [s for s in lines if s and not any(n in s for n in _NOISE)] or [type(e).__name__]
+    return "; ".join(lines[:2]) + " (valid fields: latent-bench fit --model.help CLASS, or --print_config)"

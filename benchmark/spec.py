@@ -1,0 +1,72 @@
+"""A run as plain data: what a study expands into and hands to a worker process.
+
+Nothing here imports torch or Lightning (about 10 s a process on a CPU), so a study's parent process can
+read, check and dispatch its runs before any worker has loaded them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+
+@dataclass
+class RunSpec:
+    """Everything a run needs, small enough to travel to a worker process as JSON."""
+
+    study: str
+    name: str                       # e.g. "digits-vae-s0"
+    dataset: str                    # dataset key of the study (the data config's name)
+    variant: str                    # variant key (the model config's name)
+    seed: int
+    config_files: list[str]         # trainer, model, data YAMLs, in that order
+    overrides: dict[str, Any] = field(default_factory=dict)   # dotted keys, e.g. {"trainer.max_epochs": 5}
+    evaluation: dict[str, Any] = field(default_factory=dict)  # EvaluationConfig fields
+    results_dir: str = "results"
+    work_dir: str = "runs"
+    wandb: str = "offline"          # online | offline | disabled
+
+    @property
+    def record_path(self) -> Path:
+        return Path(self.results_dir) / "runs" / self.study / f"{self.name}.json"
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.work_dir) / self.study / self.name
+
+    def cli_args(self) -> list[str]:
+        args = []
+        for f in self.config_files:
+            args += ["--config", f]
+        for k, v in {**self.overrides, "seed_everything": self.seed}.items():
+            args += [f"--{k}", v if isinstance(v, str) else json.dumps(v)]
+        return args
+
+
+@dataclass
+class EvaluationConfig:
+    """What to measure after training and how much of it.
+
+    Args:
+        iw_samples: K of the importance-weighted bound (0 skips ``nll_iw``).
+        fid_samples: images decoded from the prior (and from the GMM) for FID; 0 skips FID.
+        fid_extractor: ``domain`` (a small classifier trained on the dataset, for CPUs) or ``inception``.
+        inception_weights: a local Inception file (a TorchScript ``.pt`` or torch-fidelity's ``.pth``).
+        gmm_components: components of the full-covariance mixture fitted to training codes (RAE protocol).
+        max_codes: codes kept for the Gaussianity battery (a seeded subset; see ``LatentGaussianity``).
+        expost_epochs: epochs fitting the ex-post posterior of deterministic encoders.
+        seed: seeds every sample drawn by the evaluation.
+        cache_dir: where extractors and reference statistics are cached.
+    """
+
+    iw_samples: int = 1000
+    fid_samples: int = 10_000
+    fid_extractor: str = "domain"
+    inception_weights: Optional[str] = None
+    gmm_components: int = 10
+    max_codes: int = 10_000
+    expost_epochs: int = 5
+    seed: int = 0
+    cache_dir: Optional[str] = None
