@@ -37,11 +37,13 @@ class LatentVariableModel(L.LightningModule):
         sigma, learn_sigma: the Gaussian likelihood's scalar standard deviation, fixed or learned.
         weight: the regulariser's weight in the objective (beta for the VAE, lambda for the WAE, ...).
         lr: Adam's learning rate.
+        compile: ``torch.compile`` the encoder and decoder (in place, so checkpoints load either way). For
+            GPUs, where these small networks are launch-bound; on a CPU it is slower (results/performance.md).
     """
 
     def __init__(self, data_shape: Sequence[int] = (1, 28, 28), latent_dim: int = 16, network: str = "mlp",
                  hidden: Sequence[int] = (500, 500), likelihood: str = "bernoulli", sigma: float = 1.0,
-                 learn_sigma: bool = False, weight: float = 1.0, lr: float = 1e-3):
+                 learn_sigma: bool = False, weight: float = 1.0, lr: float = 1e-3, compile: bool = False):
         super().__init__()
         if latent_dim < 1:
             raise UsageError(f"latent_dim must be a positive integer, got {latent_dim}")
@@ -53,6 +55,9 @@ class LatentVariableModel(L.LightningModule):
         self.head = self.make_posterior()
         self.encoder = make_encoder(data_shape, self.head.n_params(latent_dim), hidden)
         self.decoder = make_decoder(latent_dim, data_shape, hidden)
+        if compile:
+            self.encoder.compile()
+            self.decoder.compile()
         self.likelihood = make_likelihood(likelihood, sigma, learn_sigma)
         # Epoch means of the objective's terms, kept on the device and reduced over processes by torchmetrics,
         # logged once an epoch: a per-step ``self.log`` costs milliseconds of Python, 10-15% of a CPU step.

@@ -82,6 +82,9 @@ class RAE(LatentVariableModel):
     def __init__(self, decoder_reg: Literal["l2", "gp", "sn"] = "l2", decoder_weight: float = 1e-3, **kwargs):
         if decoder_reg not in ("l2", "gp", "sn"):
             raise UsageError(f"unknown decoder_reg {decoder_reg!r}; choose l2, gp or sn")
+        if decoder_reg == "gp" and kwargs.get("compile"):
+            raise UsageError("decoder_reg gp differentiates through the decoder twice, which a compiled decoder "
+                             "cannot; set model.init_args.compile false or decoder_reg l2 or sn")
         super().__init__(**kwargs)
         if decoder_reg == "sn":
             for m in self.decoder.modules():

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One prepared GPU session: the headline study on the GPU (several runs side by side on the card), then the
-# throughput of the suite against a plain loop. Expects, in .device/ (not tracked): mnist.pkl.gz and cache/
-# (the domain FID extractor and reference statistics, made on the CPU); and wheels in .whl/ for packages the
-# GPU image lacks. Writes everything to $OUT (or ./gpu-out).
+# throughput of the suite against a plain loop, eager, compiled and in bf16. Expects, in .device/ (not
+# tracked): mnist.pkl.gz and cache/ (the domain FID extractor and reference statistics, made on the CPU); and
+# wheels in .whl/ for packages the GPU image lacks. Writes everything to $OUT (or ./gpu-out).
 set -uo pipefail
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
 STUDY_TIMEOUT=${STUDY_TIMEOUT:-420}; EPOCHS=${EPOCHS:-20}; PER_DEVICE=${PER_DEVICE:-6}
@@ -24,3 +24,9 @@ tar czf "$OUT/results.tgz" -C "$OUT" results 2>/dev/null && rm -rf "$OUT/results
 tar czf "$OUT/worker-logs.tgz" -C /tmp/gpu-runs . --exclude='*.ckpt' 2>/dev/null
 timeout "${PERF_TIMEOUT:-150}" python3 -m benchmark.perf.throughput --data .device/mnist.pkl.gz --epochs 3 --rounds 2 --train-size 10000 \
   --models vae-mlp,ae-mlp,vae-conv,ae-conv 2>&1 | grep -v -i "warn\|LOCAL_RANK\|available\|stopped\|tip" | tee "$OUT/throughput.txt"
+# torch.compile and bf16 autocast, on the MLP VAE: both loops, the same budget as above
+for opt in --compile "--precision bf16-mixed"; do
+  timeout "${OPT_TIMEOUT:-90}" python3 -m benchmark.perf.throughput --data .device/mnist.pkl.gz --epochs 3 --rounds 2 \
+    --train-size 10000 --models vae-mlp $opt 2>&1 | grep -v -i "warn\|LOCAL_RANK\|available\|stopped\|tip" \
+    | tee -a "$OUT/throughput_options.txt"
+done

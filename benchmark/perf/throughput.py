@@ -5,7 +5,9 @@ installed), side by side, interleaved rounds, medians.
 
 Prints images/s per (model, loop) and the ratios suite / plain and suite / pythae. The plain loop is the
 limit for the model on the hardware: the same modules, the same loss, batches by one indexing operation,
-no framework. Timings exclude the first epoch of each fit (warm-up, lazy initialisation).
+no framework. Timings exclude the first epoch of each fit (warm-up, lazy initialisation, compilation).
+``--compile`` (torch.compile of encoder and decoder) and ``--precision bf16-mixed`` apply to the suite and the
+plain loop; pythae runs as it ships (eager, float32).
 """
 
 from __future__ import annotations
@@ -29,11 +31,11 @@ MODELS = {  # name -> (variant, network, hidden)
 }
 
 
-def make_model(name: str, shape) -> L.LightningModule:
+def make_model(name: str, shape, compile: bool = False) -> L.LightningModule:
     variant, network, hidden = MODELS[name]
     torch.manual_seed(0)
     return VARIANTS[variant](data_shape=shape, latent_dim=20 if network == "mlp" else 16, network=network,
-                             hidden=hidden, likelihood="bernoulli")
+                             hidden=hidden, likelihood="bernoulli", compile=compile)
 
 
 def _sync(device):
@@ -41,9 +43,9 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def plain_loop(name, x, epochs, batch_size, device) -> float:
+def plain_loop(name, x, epochs, batch_size, device, compile=False, precision="32-true") -> float:
     """The limit: the suite's own modules and loss in a bare loop; returns images/s after epoch 1."""
-    model = make_model(name, tuple(x.shape[1:])).to(device)
+    model = make_model(name, tuple(x.shape[1:]), compile).to(device)
     opt = model.configure_optimizers()
     n = len(x) // batch_size * batch_size
     times = []
@@ -52,11 +54,12 @@ def plain_loop(name, x, epochs, batch_size, device) -> float:
         start = time.perf_counter()
         for idx in torch.randperm(len(x), device=device)[:n].split(batch_size):
             xb = torch.bernoulli(x[idx])
-            qz_x = model.posterior(xb)
-            z = qz_x.rsample()
-            out = model.decoder(z)
-            loss = (-model.likelihood(out).log_prob(xb).mean() + model.hparams.weight * model.regularizer(z, qz_x, out)
-                    + model.decoder_regularizer(z, out))
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
+                qz_x = model.posterior(xb)
+                z = qz_x.rsample()
+                out = model.decoder(z)
+                loss = (-model.likelihood(out).log_prob(xb).mean()
+                        + model.hparams.weight * model.regularizer(z, qz_x, out) + model.decoder_regularizer(z, out))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -78,11 +81,11 @@ class _EpochTimer(L.Callback):
         self.times.append(time.perf_counter() - self.start)
 
 
-def suite_loop(name, data: LatentDataModule, epochs, device) -> float:
-    """The suite as users run it: Lightning Trainer, the shared DataModule, logging on, no validation."""
-    model = make_model(name, data.shape)
+def suite_loop(name, data: LatentDataModule, epochs, device, compile=False, precision="32-true") -> float:
+    """The suite as users run it: Lightning Trainer, the shared DataModule, no validation or logger."""
+    model = make_model(name, data.shape, compile)
     timer = _EpochTimer()
-    trainer = L.Trainer(accelerator=device.type, devices=1, max_epochs=epochs, logger=False,
+    trainer = L.Trainer(accelerator=device.type, devices=1, max_epochs=epochs, logger=False, precision=precision,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         limit_val_batches=0, num_sanity_val_steps=0, callbacks=[timer])
     trainer.fit(model, datamodule=data)
@@ -110,10 +113,13 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are reported")
     p.add_argument("--train-size", type=int, default=None, help="use only the first N training images")
     p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--compile", action="store_true", help="torch.compile encoder and decoder, in both loops")
+    p.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed"])
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-    print(f"device: {name}; torch {torch.__version__}; lightning {L.__version__}")
+    print(f"device: {name}; torch {torch.__version__}; lightning {L.__version__}; compile {args.compile}; "
+          f"precision {args.precision}")
     data = LatentDataModule("mnist", path=args.data, binarize="dynamic", batch_size=args.batch_size)
     data.setup("fit")
     if args.train_size:
@@ -125,8 +131,9 @@ def main(argv=None):
     results = {}
     for name in args.models.split(","):
         for r in range(args.rounds):
-            for loop, fn in (("plain", lambda: plain_loop(name, x, args.epochs, args.batch_size, device)),
-                             ("suite", lambda: suite_loop(name, data, args.epochs, device)),
+            options = {"compile": args.compile, "precision": args.precision}
+            for loop, fn in (("plain", lambda: plain_loop(name, x, args.epochs, args.batch_size, device, **options)),
+                             ("suite", lambda: suite_loop(name, data, args.epochs, device, **options)),
                              ("pythae", lambda: pythae_loop(name, x, args.epochs, args.batch_size, device))):
                 if loop == "pythae" and (r > 0 and not results.get((name, "pythae"))):
                     continue
