@@ -37,3 +37,20 @@ def test_two_process_evaluation_equals_one_process(name, tmp_path):
     assert {"elbo", "nll_iw", "fid_prior", "fid_gmm", "fid_recon", "gauss_kl", "prior_holes"} <= set(finite)
     for key, value in finite.items():
         assert two[key] == pytest.approx(value, rel=1e-4, abs=1e-4), key
+
+
+def test_two_process_validation_loss_terms_equal_one_process():
+    """The logged loss terms are reduced across processes, not rank 0's half of the split: 200 validation
+    images in batches of 37 give the 1-process values on 2 processes."""
+    logged = {}
+    for devices in (1, 2):
+        L.seed_everything(0)
+        data = LatentDataModule("digits", binarize="dynamic", batch_size=64, eval_batch_size=37)
+        model = VARIANTS["ae"](data_shape=data.shape, latent_dim=4, hidden=(64,))
+        trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp_spawn" if devices > 1 else "auto",
+                            logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False)
+        trainer.validate(model, datamodule=data, verbose=False)
+        logged[devices] = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    assert set(logged[1]) == {"val/loss", "val/distortion", "val/regularizer"}
+    assert logged[2] == pytest.approx(logged[1], rel=1e-5)

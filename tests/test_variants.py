@@ -7,6 +7,7 @@ from torch.distributions import Independent, MultivariateNormal, Normal
 from benchmark import regularizers as R
 from benchmark.latents import Delta, Diagonal, FixedScale, FullCovariance, NoInformation, kl, standard_normal
 from benchmark.errors import UsageError
+from benchmark.module import TermMeans
 from benchmark.variants import VARIANTS
 
 SHAPE = (1, 8, 8)
@@ -151,6 +152,15 @@ def test_rae_decoder_regularisers(reg, x):
     assert decays[-1] == (1e-3 if reg == "l2" else 0)
     if reg == "sn":
         assert any("parametrizations" in n for n, _ in m.decoder.named_parameters())
+
+
+def test_term_means_weight_each_batch_by_its_images_and_keep_a_nan():
+    means = TermMeans(2)
+    means.update(torch.tensor([1.0, 10.0]), 3)
+    means.update(torch.tensor([3.0, 20.0]), 1)
+    assert means.compute().tolist() == pytest.approx([1.5, 12.5])  # (3 * 1 + 3) / 4, (3 * 10 + 20) / 4
+    means.update(torch.tensor([float("nan"), 0.0]), 1)
+    assert means.compute()[0].isnan() and means.compute()[1] == pytest.approx(10.0)
 
 
 def train_step(m, opt, x) -> tuple[float, float]:
