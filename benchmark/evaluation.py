@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict
+
 import lightning as L
 import numpy as np
 import torch
@@ -166,7 +167,8 @@ def evaluate(model: LatentVariableModel, datamodule, cfg: EvaluationConfig, make
 
     def lap(name: str):
         nonlocal clock
-        timings[name], clock = time.perf_counter() - clock, time.perf_counter()
+        now = time.perf_counter()
+        timings[name], clock = now - clock, now
 
     expost = None
     if is_deterministic(model, x_train[:1].to(model.device)):

@@ -34,6 +34,7 @@ def check_compatible(model: LatentVariableModel, data: LatentDataModule):
         raise UsageError("the Bernoulli likelihood needs binary data but data.binarize is none; "
                          "set data.binarize to dynamic or static, or use model.init_args.likelihood gaussian")
 
+
 def build_cli(args, run: bool = True, **kwargs) -> LatentBenchCLI:
     """Parse ``args`` (a list of CLI tokens) into the model, data and trainer; bad input -> UsageError."""
     try:
