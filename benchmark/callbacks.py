@@ -50,7 +50,7 @@ class RNGState(L.Callback):
     when training resumes, so a resumed run draws the same shuffles, binarisations and reparametrisation
     noise as an uninterrupted one.
 
-    Restored at ``on_fit_start``: the last hook before Lightning creates the training DataLoader iterator,
+    Restored at ``on_fit_start``: the last hook before Lightning creates the training loader's iterator,
     which draws a seed from the global generator (an uninterrupted run makes that draw at the start of the
     same epoch). The sanity check in between runs inside Lightning's ``isolate_rng``."""
 

@@ -18,9 +18,8 @@ from urllib.error import URLError
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader
 
-from benchmark.data import DATASETS, LatentDataModule, ShardSampler, TensorImages, register_dataset
+from benchmark.data import DATASETS, LatentDataModule, ShardSampler, TensorBatches, TensorImages, register_dataset
 from benchmark.errors import UsageError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -82,35 +81,64 @@ def test_test_split_never_overlaps_train_or_validation(seed):
 def test_a_batch_is_one_indexing_op_and_carries_its_indices(monkeypatch):
     dm = digits(batch_size=64, eval_batch_size=128)
     calls = []
-    original = TensorImages.__getitems__
+    original = TensorImages.batch
 
     def spy(self, idx):
         calls.append(len(idx))
         return original(self, idx)
 
-    def per_item(self, i):
-        raise AssertionError("a batch must not be assembled item by item")
-
-    monkeypatch.setattr(TensorImages, "__getitems__", spy)
-    monkeypatch.setattr(TensorImages, "__getitem__", per_item)
+    monkeypatch.setattr(TensorImages, "batch", spy)
 
     train = dm.splits["train"]
-    batches = list(dm.train_dataloader())
-    assert calls == [64] * (DIGITS_TRAIN // 64)  # one call per batch, last partial batch dropped
+    loader = dm.train_dataloader()
+    batches = list(loader)
+    assert calls == [64] * (DIGITS_TRAIN // 64) and len(loader) == len(batches)  # last partial batch dropped
     seen = []
     for x, y, idx in batches:
         assert x.shape == (64, 1, 8, 8) and y.shape == (64,) and idx.shape == (64,)
         assert torch.equal(x, train.x[idx]) and torch.equal(y, train.y[idx])
         seen += idx.tolist()
     assert len(set(seen)) == len(seen)  # an epoch draws without replacement
+    assert seen != sorted(seen) and seen != [i for _, _, idx in loader for i in idx.tolist()]  # reshuffled
 
     calls.clear()
     val = dm.splits["val"]
-    batches = list(dm.val_dataloader())
-    assert calls == [128, DIGITS_VAL - 128]  # evaluation keeps every image, in order
+    loader = dm.val_dataloader()
+    batches = list(loader)
+    assert calls == [128, DIGITS_VAL - 128] and len(loader) == 2  # evaluation keeps every image, in order
     idx = torch.cat([i for _, _, i in batches])
     assert torch.equal(idx, torch.arange(DIGITS_VAL))
     assert torch.equal(torch.cat([x for x, _, _ in batches]), val.x)
+
+
+def test_the_training_shuffle_follows_the_global_seed():
+    dm = digits(batch_size=100)
+    order = lambda: torch.cat([idx for _, _, idx in dm.train_dataloader()])  # noqa: E731
+    torch.manual_seed(3)
+    first = order()
+    torch.manual_seed(3)
+    assert torch.equal(order(), first)  # a checkpoint restores the generator, so a resumed epoch is the same
+    state = torch.get_rng_state()
+    iter(dm.train_dataloader())  # Lightning's iterability check must not draw: a resume restores the state first
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_ddp_training_shards_are_disjoint_equal_and_reshuffled_each_epoch(monkeypatch):
+    monkeypatch.setenv("PL_GLOBAL_SEED", "5")
+    dm, world = digits(batch_size=50), 3
+    epochs = []
+    for epoch in range(2):
+        shards = []
+        for rank in range(world):
+            dm.trainer = SimpleNamespace(world_size=world, global_rank=rank)
+            loader = dm.train_dataloader()
+            loader.sampler.set_epoch(epoch)  # what Lightning does at every epoch start
+            shards.append([i for _, _, idx in loader for i in idx.tolist()])
+            assert len(loader) == len(shards[-1]) // 50 == DIGITS_TRAIN // world // 50
+        flat = sum(shards, [])
+        assert len(set(flat)) == len(flat)  # no image on two ranks
+        epochs.append(flat)
+    assert epochs[0] != epochs[1]
 
 
 # --- binarisation ------------------------------------------------------------------------------------------
@@ -120,7 +148,7 @@ def test_no_binarisation_keeps_continuous_pixels():
     assert not dm.binary
     for name, split in dm.splits.items():
         assert not is_binary(split.x) and torch.equal(split.x, dm.grey[name][0])
-        x, _, _ = split.__getitems__(list(range(32)))
+        x, _, _ = split.batch(torch.arange(32))
         assert torch.equal(x, split.x[:32])  # no resampling either
 
 
@@ -144,13 +172,13 @@ def test_static_binarisation_binarises_every_split_once():
 def test_dynamic_binarisation_resamples_training_images_and_fixes_evaluation_images():
     dm = digits(binarize="dynamic")
     train = dm.splits["train"]
-    idx = list(range(64))
-    x1, _, _ = train.__getitems__(idx)
-    x2, _, _ = train.__getitems__(idx)
+    idx = torch.arange(64)
+    x1, _, _ = train.batch(idx)
+    x2, _, _ = train.batch(idx)
     assert is_binary(x1) and is_binary(x2) and not torch.equal(x1, x2)
     # unbiased: the mean of many draws is the grey image (Burda et al. 2016)
     torch.manual_seed(0)
-    draws = train.__getitems__(idx * 1000)[0].reshape(1000, 64, 1, 8, 8)  # each row is drawn afresh
+    draws = train.batch(idx.repeat(1000))[0].reshape(1000, 64, 1, 8, 8)  # each row is drawn afresh
     assert (draws.mean(0) - train.x[idx]).abs().max() < 0.1  # 6 standard errors at the worst pixel
     assert not is_binary(train.x)  # the held images stay grey; only the drawn batches are binary
     for name in ("val", "test"):
@@ -376,7 +404,7 @@ def test_evaluation_loaders_are_sharded_by_rank_without_padding():
     for rank in range(3):
         dm.trainer = SimpleNamespace(world_size=3, global_rank=rank)
         loader = dm.val_dataloader()
-        assert isinstance(loader.sampler, ShardSampler)
+        assert isinstance(loader, TensorBatches) and isinstance(loader.sampler, ShardSampler)
         seen += torch.cat([idx for _, _, idx in loader]).tolist()
     assert seen == list(range(DIGITS_VAL))
 
