@@ -46,7 +46,8 @@ class ExPostPosterior(L.LightningModule):
 
     def forward(self, x: Tensor) -> Distribution:
         code = self.model.posterior(x).mean  # (B, D)
-        return Independent(Normal(code, F.softplus(self.scale(code)) + 1e-4), 1)
+        scale = F.softplus(self.scale(code)) + 1e-4
+        return Independent(Normal(code, scale, validate_args=False), 1)
 
     def on_train_epoch_start(self):
         self.model.eval()  # frozen: BatchNorm statistics must not move either

@@ -103,8 +103,8 @@ def train_and_evaluate(spec: RunSpec) -> dict:
         traceback.print_exc()
         reason = failure_reason(e)
         if not all(torch.isfinite(p).all() for p in model.parameters()):
-            # Non-finite weights surface as an error in the next step (a distribution's argument check
-            # refuses a NaN mean) before the epoch-end loss check sees them: that run diverged.
+            # Non-finite weights that surface as an error in a step (a variant's own check refusing a NaN)
+            # before the epoch-end loss check sees them: that run diverged.
             record.update(status="diverged", reason=f"non-finite weights ({reason})",
                           diverged_step=trainer.global_step)
         else:
