@@ -3,7 +3,8 @@ installed), side by side, interleaved rounds, medians.
 
     python -m benchmark.perf.throughput --data ../shared/data/mnist.pkl.gz --epochs 3 --rounds 3
 
-Prints images/s per (model, loop) and the ratios suite / plain and suite / pythae. The plain loop is the
+Prints images/s per (model, loop) and the ratios suite / plain and suite / pythae, and the median of
+each round's own suite / plain (paired: drift between rounds cancels). The plain loop is the
 limit for the model on the hardware: the same modules, the same loss, batches by one indexing operation,
 no framework. Timings exclude the first epoch of each fit (warm-up, lazy initialisation, compilation).
 ``--compile`` (torch.compile of encoder and decoder) and ``--precision bf16-mixed`` apply to the suite and the
@@ -142,15 +143,19 @@ def main(argv=None):
                 if value is not None:
                     results.setdefault((name, loop), []).append(value)
                     print(f"  {name:9s} round {r} {loop:6s} {value:10.0f} img/s", flush=True)
-    print("\nmodel      plain img/s  suite img/s  pythae img/s  suite/plain  suite/pythae  suite-plain ms/step")
+    print("\nmodel      plain img/s  suite img/s  pythae img/s  suite/plain  suite/pythae  suite-plain ms/step"
+          "  paired suite/plain")
     for name in args.models.split(","):
         med = {loop: statistics.median(results[(name, loop)]) for loop in ("plain", "suite", "pythae")
                if results.get((name, loop))}
         py = med.get("pythae")
         extra_ms = 1e3 * args.batch_size * (1 / med["suite"] - 1 / med["plain"])  # the suite's cost per step
+        # each round's own ratio, then the median: the machine's drift between rounds cancels out
+        rounds = zip(results[(name, "suite")], results[(name, "plain")])
+        paired = statistics.median(suite / plain for suite, plain in rounds)
         print(f"{name:9s} {med['plain']:12.0f} {med['suite']:12.0f} {py or float('nan'):13.0f} "
               f"{med['suite'] / med['plain']:12.3f} {med['suite'] / py if py else float('nan'):13.3f} "
-              f"{extra_ms:20.2f}")
+              f"{extra_ms:20.2f} {paired:19.3f}")
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     gpu = f", GPU peak {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB" if device.type == "cuda" else ""
     print(f"peak RSS {rss:.0f} MiB{gpu}")
