@@ -219,6 +219,32 @@ def test_diverged_runs_are_recorded_as_diverged_and_the_study_goes_on(tmp_path, 
     assert not any(k.startswith("final/") for k in summary["summary"])
 
 
+@pytest.mark.parametrize("weights, status", [("nan", "diverged"), ("finite", "failed")])
+def test_an_error_after_training_counts_as_divergence_only_when_the_weights_are_not_finite(
+        tmp_path, monkeypatch, weights, status):
+    # NaN weights can pass the epoch-end loss check (the last step's update made them NaN) and then fail
+    # the evaluation, e.g. scikit-learn refusing NaN codes for the GMM
+    from benchmark import runner
+
+    def evaluate(model, *args):
+        if weights == "nan":
+            with torch.no_grad():
+                next(model.parameters()).fill_(math.nan)
+        raise ValueError("Input X contains NaN.")
+
+    monkeypatch.setattr(runner, "evaluate", evaluate)
+    path = write_study(tmp_path, "late", ["ae"], [0], epochs=1, batches=2)
+    [spec] = study_mod.expand(study_mod.load_study(path), tmp_path / "results", tmp_path / "runs", "disabled", {})
+    record = runner.train_and_evaluate(spec)
+    assert record["status"] == status and read_record(spec.record_path)["status"] == status
+    assert "Input X contains NaN." in record["reason"]
+    assert record["reason"].startswith("non-finite weights") == (weights == "nan")
+    if weights == "nan":
+        assert record["diverged_step"] > 0  # the step training stopped at
+    else:
+        assert record["diverged_step"] is None
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Bad or stale records
 # ------------------------------------------------------------------------------------------------------------
