@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One prepared GPU session: the headline study on the GPU (several runs side by side on the card), then the
-# throughput of the suite against a plain loop, eager, compiled and in bf16. Expects, in .device/ (not
-# tracked): mnist.pkl.gz and cache/ (the domain FID extractor and reference statistics, made on the CPU); and
-# wheels in .whl/ for packages the GPU image lacks. Writes everything to $OUT (or ./gpu-out).
+# throughput of the suite against a plain loop, eager, compiled and in bf16, then where training still waits
+# on the GPU. Expects, in .device/ (not tracked): mnist.pkl.gz and cache/ (the domain FID extractor and
+# reference statistics, made on the CPU); and wheels in .whl/ for packages the GPU image lacks. Writes
+# everything to $OUT (or ./gpu-out).
 set -uo pipefail
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
 STUDY_TIMEOUT=${STUDY_TIMEOUT:-420}; EPOCHS=${EPOCHS:-20}; PER_DEVICE=${PER_DEVICE:-6}
@@ -30,3 +31,6 @@ for opt in --compile "--precision bf16-mixed"; do
     --train-size 10000 --models vae-mlp $opt 2>&1 | grep -v -i "warn\|LOCAL_RANK\|available\|stopped\|tip" \
     | tee -a "$OUT/throughput_options.txt"
 done
+# where a training epoch still waits on the GPU (torch's sync debug mode, grouped by the calling line)
+timeout "${SYNC_TIMEOUT:-60}" python3 -m benchmark.perf.throughput --data .device/mnist.pkl.gz --train-size 10000 \
+  --models vae-mlp,ae-mlp --host-syncs 2>&1 | grep -v -i "warn\|LOCAL_RANK\|available\|stopped\|tip" | tee "$OUT/host_syncs.txt"

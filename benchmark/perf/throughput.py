@@ -14,9 +14,11 @@ plain loop; pythae runs as it ships (eager, float32).
 from __future__ import annotations
 
 import argparse
+import collections
 import resource
 import statistics
 import time
+import warnings
 
 import lightning as L
 import torch
@@ -107,6 +109,31 @@ def pythae_loop(name, x, epochs, batch_size, device) -> float | None:
     return pythae_throughput(name, x, epochs, batch_size, device)
 
 
+def host_syncs(name, data: LatentDataModule, device) -> None:
+    """Where one epoch of the suite's training waits on the GPU: torch's sync debug mode reports every
+    synchronising call, grouped here by the Python line that made it. A line reported about once a step is
+    a per-step synchronisation; the epoch's end has a few by design (the divergence check, the logged means)."""
+    if device.type != "cuda":
+        print(f"host syncs of {name}: needs a CUDA device, skipped")
+        return
+    model = make_model(name, data.shape)
+    trainer = L.Trainer(accelerator="cuda", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        num_sanity_val_steps=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            trainer.fit(model, datamodule=data)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    where = collections.Counter(f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message))
+    steps = trainer.global_step
+    print(f"host syncs of {name}: {sum(where.values())} in {steps} training steps")
+    for line, n in where.most_common(10):
+        print(f"  {n:7d} ({n / steps:5.2f} a step)  {line}")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default=None, help="mnist.pkl.gz or torchvision folder (default: download)")
@@ -117,6 +144,8 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--compile", action="store_true", help="torch.compile encoder and decoder, in both loops")
     p.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed"])
+    p.add_argument("--host-syncs", action="store_true",
+                   help="instead of timing, list where a training epoch synchronises with the GPU")
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
@@ -130,6 +159,10 @@ def main(argv=None):
     data.splits["train"].x = data.splits["train"].x.to(device)  # resident on the device, as in a run
     data.splits["train"].y = data.splits["train"].y.to(device)
     x = data.splits["train"].x
+    if args.host_syncs:
+        for name in args.models.split(","):
+            host_syncs(name, data, device)
+        return
     results = {}
     for name in args.models.split(","):
         for r in range(args.rounds):
