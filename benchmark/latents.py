@@ -6,9 +6,9 @@ prior goes through ``kl_divergence``, so a new posterior only needs its KL regis
 Monte Carlo in ``kl``).
 
 Distributions are built with ``validate_args=False``. Their arguments come from the heads below (a softplus
-plus a floor for every scale), and the checks would cost a host synchronisation per distribution on a GPU
-and 7% of the importance-sampled likelihood on a CPU. A NaN argument gives a NaN loss, which
-``DivergenceGuard`` stops at the epoch's end.
+plus a floor for every scale), and each check reads its result back to the host: on a GPU, a synchronisation
+per distribution, several every training step. A NaN argument gives a NaN loss, which ``DivergenceGuard``
+stops at the epoch's end.
 """
 
 from __future__ import annotations

@@ -71,6 +71,7 @@ class GaussianLikelihood(nn.Module):
             self.register_buffer("log_sigma", log_sigma)
 
     def forward(self, loc: Tensor) -> Distribution:
+        # unchecked: ``loc == loc`` over every decoded image was 13% of the IWAE on a CPU, and a GPU sync
         return IsotropicNormal(loc, self.log_sigma, validate_args=False)
 
     def check(self, x: Tensor):
