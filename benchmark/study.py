@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import glob
 import json
 import multiprocessing
 import multiprocessing.connection
@@ -94,13 +95,28 @@ def expand(study: dict, results_dir="results", work_dir="runs", wandb="offline",
     return specs
 
 
+GPU_DEVICE_NODES = ("/dev/nvidia[0-9]*", "/dev/dxg", "/dev/kfd", "/dev/nvhost-ctrl-gpu")  # NVIDIA, WSL, ROCm, Jetson
+
+
+def gpu_device_nodes() -> list[str]:
+    return [node for pattern in GPU_DEVICE_NODES for node in glob.glob(pattern)]
+
+
+def gpu_count() -> int:
+    """The GPUs torch would see. On Linux without a GPU device node there are none, and the parent of a study
+    is spared torch's import (3-4 s on a small CPU); otherwise torch counts them (CUDA_VISIBLE_DEVICES too)."""
+    if sys.platform.startswith("linux") and not gpu_device_nodes():
+        return 0
+    import torch
+
+    return torch.cuda.device_count()
+
+
 def parse_devices(devices: str | None) -> list[str] | None:
     """'auto' -> every GPU (else every CPU core); '0,1' -> those GPUs; 'N' (no GPU) -> N CPU workers."""
     if devices is None:
         return None
-    import torch
-
-    n_gpu = torch.cuda.device_count()
+    n_gpu = gpu_count()
     if devices == "auto":
         return [str(i) for i in range(n_gpu)] if n_gpu else ["cpu"] * (os.cpu_count() or 1)
     parts = [p.strip() for p in devices.split(",") if p.strip()]

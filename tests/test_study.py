@@ -297,6 +297,16 @@ def test_a_study_is_read_checked_and_expanded_without_loading_torch_or_lightning
     assert "absent.yaml does not exist" in proc.stderr
 
 
+def test_counting_cpu_workers_does_not_load_torch_on_a_machine_without_gpu_device_nodes():
+    if study_mod.gpu_device_nodes():
+        pytest.skip("this machine has GPU device nodes, so torch counts the GPUs")
+    code = "import sys; from benchmark import study; print(study.parse_devices('2'), 'torch' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], env=subprocess_env(), capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "['cpu', 'cpu'] False"
+
+
 def test_two_cpu_workers_run_three_runs_two_at_a_time(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", str(REPO))
     path = write_study(tmp_path, "workers", ["no_info"], [0, 1, 2])
