@@ -20,7 +20,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import DistributedSampler, RandomSampler, Sampler
+from torch.utils.data import DistributedSampler, RandomSampler, Sampler, SequentialSampler
 
 from benchmark.errors import UsageError
 
@@ -294,15 +294,16 @@ class LatentDataModule(L.LightningDataModule):
     def _loader(self, split: str) -> TensorBatches:
         data = self.splits[split]
         world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
-        if split == "train":
-            bs = self.hparams.batch_size
-            if world > 1:  # every rank gets the same number of batches, or DDP's gradient sync would hang
-                seed = int(os.environ.get("PL_GLOBAL_SEED", 0))  # the seed Lightning's own DDP sampler takes
-                sampler = DistributedSampler(data, world, rank, shuffle=True, seed=seed, drop_last=True)
-            else:
-                sampler = RandomSampler(data)  # drawn from the global generator, which checkpoints restore
-            return TensorBatches(data, sampler, bs, drop_last=len(sampler) > bs)
-        return TensorBatches(data, ShardSampler(data, world, rank, shuffle=False), self.hparams.eval_batch_size)
+        overfit = self.trainer is not None and self.trainer.overfit_batches > 0  # the same first batches each epoch
+        if split != "train" or overfit:
+            sampler = SequentialSampler(data) if world == 1 else ShardSampler(data, world, rank, shuffle=False)
+        elif world > 1:  # every rank gets the same number of batches, or DDP's gradient sync would hang
+            seed = int(os.environ.get("PL_GLOBAL_SEED", 0))  # the seed Lightning's own DDP sampler takes
+            sampler = DistributedSampler(data, world, rank, shuffle=True, seed=seed, drop_last=True)
+        else:
+            sampler = RandomSampler(data)  # drawn from the global generator, which checkpoints restore
+        bs = self.hparams.batch_size if split == "train" else self.hparams.eval_batch_size
+        return TensorBatches(data, sampler, bs, drop_last=split == "train" and len(sampler) > bs)
 
     def train_dataloader(self):
         return self._loader("train")

@@ -123,6 +123,14 @@ def test_the_training_shuffle_follows_the_global_seed():
     assert torch.equal(torch.get_rng_state(), state)
 
 
+def test_overfitting_trains_on_the_same_first_batches_every_epoch():
+    dm = digits(batch_size=50)
+    dm.trainer = SimpleNamespace(world_size=1, global_rank=0, overfit_batches=2)
+    for _ in range(2):
+        first = next(iter(dm.train_dataloader()))[2]
+        assert torch.equal(first, torch.arange(50))
+
+
 def test_ddp_training_shards_are_disjoint_equal_and_reshuffled_each_epoch(monkeypatch):
     monkeypatch.setenv("PL_GLOBAL_SEED", "5")
     dm, world = digits(batch_size=50), 3
@@ -130,7 +138,7 @@ def test_ddp_training_shards_are_disjoint_equal_and_reshuffled_each_epoch(monkey
     for epoch in range(2):
         shards = []
         for rank in range(world):
-            dm.trainer = SimpleNamespace(world_size=world, global_rank=rank)
+            dm.trainer = SimpleNamespace(world_size=world, global_rank=rank, overfit_batches=0)
             loader = dm.train_dataloader()
             loader.sampler.set_epoch(epoch)  # what Lightning does at every epoch start
             shards.append([i for _, _, idx in loader for i in idx.tolist()])
@@ -402,7 +410,7 @@ def test_evaluation_loaders_are_sharded_by_rank_without_padding():
     dm = digits(eval_batch_size=64)
     seen = []
     for rank in range(3):
-        dm.trainer = SimpleNamespace(world_size=3, global_rank=rank)
+        dm.trainer = SimpleNamespace(world_size=3, global_rank=rank, overfit_batches=0)
         loader = dm.val_dataloader()
         assert isinstance(loader, TensorBatches) and isinstance(loader.sampler, ShardSampler)
         seen += torch.cat([idx for _, _, idx in loader]).tolist()
