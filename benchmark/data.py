@@ -295,7 +295,7 @@ class LatentDataModule(L.LightningDataModule):
         data = self.splits[split]
         world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
         overfit = self.trainer is not None and self.trainer.overfit_batches > 0  # the same first batches each epoch
-        if split != "train" or overfit:
+        if split != "train" or overfit:  # in order; one process's is the sampler Lightning knows as unshuffled
             sampler = SequentialSampler(data) if world == 1 else ShardSampler(data, world, rank, shuffle=False)
         elif world > 1:  # every rank gets the same number of batches, or DDP's gradient sync would hang
             seed = int(os.environ.get("PL_GLOBAL_SEED", 0))  # the seed Lightning's own DDP sampler takes

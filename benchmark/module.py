@@ -118,16 +118,20 @@ class LatentVariableModel(L.LightningModule):
         return self.decode(z).mean.clamp(0, 1)
 
     # --- the loop -------------------------------------------------------------------------------------
-    def _common_step(self, batch, stage: str) -> Tensor:
-        x = batch[0]
+    def objective(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(loss, distortion, regulariser) of a batch, each a scalar: the objective trained on, and its parts."""
         qz_x = self.posterior(x)
         z = qz_x.rsample()  # (B, D)
         x_out = self.decoder(z)
         distortion = -self.likelihood(x_out).log_prob(x).mean()  # nats per image
         reg = self.regularizer(z, qz_x, x_out)
-        loss = distortion + self.hparams.weight * reg + self.decoder_regularizer(z, x_out)
-        self.terms[f"{stage}_terms"].update(torch.stack((loss, distortion, reg)).detach(), len(x))
-        return loss
+        return distortion + self.hparams.weight * reg + self.decoder_regularizer(z, x_out), distortion, reg
+
+    def _common_step(self, batch, stage: str) -> Tensor:
+        x = batch[0]
+        terms = self.objective(x)  # in TERMS order
+        self.terms[f"{stage}_terms"].update(torch.stack(terms).detach(), len(x))
+        return terms[0]
 
     def _log_terms(self, stage: str):
         terms = self.terms[f"{stage}_terms"]

@@ -59,11 +59,7 @@ def plain_loop(name, x, epochs, batch_size, device, compile=False, precision="32
         for idx in torch.randperm(len(x), device=device)[:n].split(batch_size):
             xb = torch.bernoulli(x[idx])
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
-                qz_x = model.posterior(xb)
-                z = qz_x.rsample()
-                out = model.decoder(z)
-                loss = (-model.likelihood(out).log_prob(xb).mean()
-                        + model.hparams.weight * model.regularizer(z, qz_x, out) + model.decoder_regularizer(z, out))
+                loss = model.objective(xb)[0]
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -85,13 +81,18 @@ class _EpochTimer(L.Callback):
         self.times.append(time.perf_counter() - self.start)
 
 
+def _trainer(device, epochs, **kwargs) -> L.Trainer:
+    """The suite's Trainer as timed here: one device; no validation, logger, checkpoints or progress bar."""
+    return L.Trainer(accelerator=device.type, devices=1, max_epochs=epochs, logger=False, enable_checkpointing=False,
+                     enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                     num_sanity_val_steps=0, **kwargs)
+
+
 def suite_loop(name, data: LatentDataModule, epochs, device, compile=False, precision="32-true") -> float:
     """The suite as users run it: Lightning Trainer, the shared DataModule, no validation or logger."""
     model = make_model(name, data.shape, compile)
     timer = _EpochTimer()
-    trainer = L.Trainer(accelerator=device.type, devices=1, max_epochs=epochs, logger=False, precision=precision,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        limit_val_batches=0, num_sanity_val_steps=0, callbacks=[timer])
+    trainer = _trainer(device, epochs, precision=precision, callbacks=[timer])
     trainer.fit(model, datamodule=data)
     n = len(data.splits["train"]) // data.hparams.batch_size * data.hparams.batch_size
     return n / statistics.median(timer.times[1:])
@@ -117,9 +118,7 @@ def host_syncs(name, data: LatentDataModule, device) -> None:
         print(f"host syncs of {name}: needs a CUDA device, skipped")
         return
     model = make_model(name, data.shape)
-    trainer = L.Trainer(accelerator="cuda", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        num_sanity_val_steps=0)
+    trainer = _trainer(device, 1)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
