@@ -59,12 +59,14 @@ def load_study(path: str | Path) -> dict:
     return study
 
 
+CONFIG_KINDS = {"trainer": "trainer", "data": "dataset", "model": "variant"}  # config folder -> what a study names
+
+
 def _keyed(configs: Path, kind: str, key: str) -> str:
     f = configs / kind / f"{key}.yaml"
     if not f.is_file():
         known = sorted(p.stem for p in (configs / kind).glob("*.yaml"))
-        raise UsageError(f"unknown {kind[:-1] if kind != 'data' else 'dataset'} {key!r}; choose one of {known} "
-                         f"(or add {f})")
+        raise UsageError(f"unknown {CONFIG_KINDS[kind]} {key!r}; choose one of {known} (or add {f})")
     return str(f)
 
 

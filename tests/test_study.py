@@ -448,6 +448,18 @@ def test_evaluate_rejects_a_file_that_is_not_a_checkpoint(tmp_path):
         evaluate_checkpoint_main([str(bad)])
 
 
+@pytest.mark.parametrize("field, value, message", [("trainer", "tpu", "unknown trainer 'tpu'; choose one of .*'cpu'"),
+                                                    ("datasets", ["mnits"], "unknown dataset 'mnits'; choose one of .*'mnist'"),
+                                                    ("variants", ["vea"], "unknown variant 'vea'; choose one of .*'vae'")])
+def test_an_unknown_trainer_dataset_or_variant_is_named_with_the_known_ones(tmp_path, field, value, message):
+    study = {"name": "s", "configs": str(CONFIGS), "datasets": ["digits_binary"], "variants": ["vae"], "seeds": [0],
+             field: value}
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(study))
+    with pytest.raises(study_mod.UsageError, match=message):
+        study_mod.expand(study_mod.load_study(path), str(tmp_path))
+
+
 def test_set_overrides_evaluation_fields_and_rejects_unknown_ones(tmp_path):
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump({"name": "s", "configs": str(CONFIGS), "datasets": ["digits_binary"],
