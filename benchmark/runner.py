@@ -40,11 +40,20 @@ def _logger(spec: RunSpec, config: dict):
                        save_dir=str(spec.run_dir), mode=spec.wandb, config=config)
 
 
+def run_callbacks(ckpt_dir: Path, counter: ImageCount) -> list:
+    """The callbacks of every run's Trainer: the checkpoint it resumes from, the generators' state in it,
+    the divergence check, and ``counter`` for the throughput in the record."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    # One file, overwritten at every epoch end. Not save_last=True with save_top_k=0: Lightning then writes
+    # last.ckpt only when training ends, so a killed run had nothing to resume from.
+    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="last", enable_version_counter=False)
+    return [checkpoint, RNGState(), DivergenceGuard(), counter]
+
+
 def train_and_evaluate(spec: RunSpec) -> dict:
     """Train (or resume) and evaluate one run; write and return its record. Never raises for a run that
     fails or diverges: that is recorded as such, so a study goes on."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
     from benchmark.lightning_cli import build_cli
     from benchmark.records import code_version, environment, read_record, write_record
 
@@ -62,11 +71,7 @@ def train_and_evaluate(spec: RunSpec) -> dict:
     eval_cfg = EvaluationConfig(**{"seed": spec.seed, **spec.evaluation})
     logger = _logger(spec, config)
     ckpt_dir = spec.run_dir / "checkpoints"
-    # One file, overwritten at every epoch end. Not save_last=True with save_top_k=0: Lightning then writes
-    # last.ckpt only when training ends, so a killed run had nothing to resume from.
-    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="last", enable_version_counter=False)
     counter = ImageCount()
-    callbacks = [checkpoint, RNGState(), DivergenceGuard(), counter]
 
     def make_trainer(**overrides):
         kw = {"logger": False, "callbacks": [], "enable_checkpointing": False, "enable_progress_bar": False,
@@ -78,7 +83,7 @@ def train_and_evaluate(spec: RunSpec) -> dict:
               "config": config, "code": code_version(), "env": environment(), "device": None,
               "timings": {}, "metrics": {}, "protocol": {}, "samples": None,
               "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    trainer = cli.instantiate_trainer(logger=logger, callbacks=callbacks)
+    trainer = cli.instantiate_trainer(logger=logger, callbacks=run_callbacks(ckpt_dir, counter))
     record["device"] = _device_name(trainer)
     last = ckpt_dir / "last.ckpt"
     resumed = last.exists()

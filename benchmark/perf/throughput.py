@@ -17,13 +17,17 @@ import argparse
 import collections
 import resource
 import statistics
+import tempfile
 import time
 import warnings
+from pathlib import Path
 
 import lightning as L
 import torch
 
+from benchmark.callbacks import ImageCount
 from benchmark.data import LatentDataModule
+from benchmark.runner import run_callbacks
 from benchmark.variants import VARIANTS
 
 MODELS = {  # name -> (variant, network, hidden)
@@ -81,19 +85,24 @@ class _EpochTimer(L.Callback):
         self.times.append(time.perf_counter() - self.start)
 
 
-def _trainer(device, epochs, **kwargs) -> L.Trainer:
-    """The suite's Trainer as timed here: one device; no validation, logger, checkpoints or progress bar."""
-    return L.Trainer(accelerator=device.type, devices=1, max_epochs=epochs, logger=False, enable_checkpointing=False,
-                     enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                     num_sanity_val_steps=0, **kwargs)
+def _fit(model, data: LatentDataModule, device, epochs, callbacks=(), **kwargs) -> L.Trainer:
+    """Train as a run does, with a run's callbacks (checkpoint, generator state, divergence check, image
+    count), without validation, logger or progress bar; the checkpoints go to a scratch folder."""
+    with tempfile.TemporaryDirectory() as scratch:
+        trainer = L.Trainer(accelerator=device.type, devices=1, max_epochs=epochs, logger=False,
+                            enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                            num_sanity_val_steps=0, callbacks=[*callbacks, *run_callbacks(Path(scratch), ImageCount())],
+                            **kwargs)
+        trainer.fit(model, datamodule=data)
+    return trainer
 
 
 def suite_loop(name, data: LatentDataModule, epochs, device, compile=False, precision="32-true") -> float:
-    """The suite as users run it: Lightning Trainer, the shared DataModule, no validation or logger."""
+    """The suite as users run it: Lightning Trainer, the shared DataModule and a run's callbacks. The epoch
+    timer stops before the epoch's checkpoint is written (Lightning runs checkpoint callbacks last)."""
     model = make_model(name, data.shape, compile)
     timer = _EpochTimer()
-    trainer = _trainer(device, epochs, precision=precision, callbacks=[timer])
-    trainer.fit(model, datamodule=data)
+    _fit(model, data, device, epochs, callbacks=[timer], precision=precision)
     n = len(data.splits["train"]) // data.hparams.batch_size * data.hparams.batch_size
     return n / statistics.median(timer.times[1:])
 
@@ -118,12 +127,11 @@ def host_syncs(name, data: LatentDataModule, device) -> None:
         print(f"host syncs of {name}: needs a CUDA device, skipped")
         return
     model = make_model(name, data.shape)
-    trainer = _trainer(device, 1)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            trainer.fit(model, datamodule=data)
+            trainer = _fit(model, data, device, 1)
         finally:
             torch.cuda.set_sync_debug_mode("default")
     where = collections.Counter(f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message))
