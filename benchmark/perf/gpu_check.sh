@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# One prepared GPU session: the headline study on the GPU (several runs side by side on the card), then the
-# throughput of the suite against a plain loop, eager, compiled and in bf16, then where training still waits
-# on the GPU. Expects, in .device/ (not tracked): mnist.pkl.gz and cache/ (the domain FID extractor and
-# reference statistics, made on the CPU); and wheels in .whl/ for packages the GPU image lacks. Writes
-# everything to $OUT (or ./gpu-out).
+# One prepared GPU session, sized for one call of about 7 minutes: seed 0 of the headline study on the GPU
+# (its 11 runs side by side on the card; the whole study is 3 seeds), the throughput of the suite against a
+# plain loop, eager, compiled and in bf16, then where training still waits on the GPU. Expects, in .device/
+# (not tracked): mnist.pkl.gz and cache/ (the domain FID extractor and reference statistics, made on the
+# CPU); and wheels in .whl/ for packages the GPU image lacks. Writes everything to $OUT (or ./gpu-out).
 set -uo pipefail
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
-STUDY_TIMEOUT=${STUDY_TIMEOUT:-420}; EPOCHS=${EPOCHS:-20}; PER_DEVICE=${PER_DEVICE:-6}
+STUDY_TIMEOUT=${STUDY_TIMEOUT:-210}; EPOCHS=${EPOCHS:-20}; PER_DEVICE=${PER_DEVICE:-11}; SEEDS=${SEEDS:-[0]}
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site:$PWD
@@ -14,23 +14,27 @@ fi
 export PYTHONPATH=${PYTHONPATH:-$PWD} PYTHONUNBUFFERED=1 LATENT_BENCH_CACHE=$PWD/.device/cache
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch, lightning; print('torch', torch.__version__, 'lightning', lightning.__version__, torch.cuda.get_device_name())" | tee -a "$OUT/gpu.txt"
+study=/tmp/gpu-study.yaml  # the headline study with only the seeds in $SEEDS, reading this tree's configs
+python3 -c "import sys, yaml; s = yaml.safe_load(open(sys.argv[1])); s.update(seeds=yaml.safe_load(sys.argv[2]), \
+configs='$PWD/configs'); yaml.safe_dump(s, open(sys.argv[3], 'w'))" "${STUDY:-configs/studies/seed_question_mnist.yaml}" \
+  "$SEEDS" "$study"
 start=$(date +%s)
-timeout "$STUDY_TIMEOUT" python3 -m benchmark.cli run "${STUDY:-configs/studies/seed_question_mnist.yaml}" --devices auto \
+timeout "$STUDY_TIMEOUT" python3 -m benchmark.cli run "$study" --devices auto \
   --per-device "$PER_DEVICE" --wandb disabled --results "$OUT/results" --work-dir /tmp/gpu-runs \
   --set trainer.accelerator=auto --set data.path=.device/mnist.pkl.gz --set "trainer.max_epochs=$EPOCHS" \
   --set evaluation.iw_samples=1000 --set evaluation.expost_epochs=5 \
   2>&1 | grep -v -i warn | tee "$OUT/study.log"
-echo "study wall time: $(( $(date +%s) - start )) s (epochs $EPOCHS, $PER_DEVICE runs per GPU)" | tee -a "$OUT/study.log"
+echo "study wall time: $(( $(date +%s) - start )) s (seeds $SEEDS, epochs $EPOCHS, $PER_DEVICE runs per GPU)" | tee -a "$OUT/study.log"
 tar czf "$OUT/results.tgz" -C "$OUT" results 2>/dev/null && rm -rf "$OUT/results"
-tar czf "$OUT/worker-logs.tgz" -C /tmp/gpu-runs . --exclude='*.ckpt' 2>/dev/null
-timeout "${PERF_TIMEOUT:-150}" python3 -m benchmark.perf.throughput --data .device/mnist.pkl.gz --epochs 3 --rounds 2 --train-size 10000 \
+tar czf "$OUT/worker-logs.tgz" --exclude='*.ckpt' --exclude='wandb' -C /tmp/gpu-runs . 2>/dev/null
+timeout "${PERF_TIMEOUT:-90}" python3 -m benchmark.perf.throughput --data .device/mnist.pkl.gz --epochs 3 --rounds 2 --train-size 10000 \
   --models vae-mlp,ae-mlp,vae-conv,ae-conv 2>&1 | grep -v -i "warn\|LOCAL_RANK\|available\|stopped\|tip" | tee "$OUT/throughput.txt"
 # torch.compile and bf16 autocast, on the MLP VAE: both loops, the same budget as above
 for opt in --compile "--precision bf16-mixed"; do
-  timeout "${OPT_TIMEOUT:-90}" python3 -m benchmark.perf.throughput --data .device/mnist.pkl.gz --epochs 3 --rounds 2 \
+  timeout "${OPT_TIMEOUT:-50}" python3 -m benchmark.perf.throughput --data .device/mnist.pkl.gz --epochs 3 --rounds 2 \
     --train-size 10000 --models vae-mlp $opt 2>&1 | grep -v -i "warn\|LOCAL_RANK\|available\|stopped\|tip" \
     | tee -a "$OUT/throughput_options.txt"
 done
 # where a training epoch still waits on the GPU (torch's sync debug mode, grouped by the calling line)
-timeout "${SYNC_TIMEOUT:-60}" python3 -m benchmark.perf.throughput --data .device/mnist.pkl.gz --train-size 10000 \
+timeout "${SYNC_TIMEOUT:-30}" python3 -m benchmark.perf.throughput --data .device/mnist.pkl.gz --train-size 10000 \
   --models vae-mlp,ae-mlp --host-syncs 2>&1 | grep -v -i "warn\|LOCAL_RANK\|available\|stopped\|tip" | tee "$OUT/host_syncs.txt"
