@@ -18,9 +18,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributions import Distribution, Independent, Normal
 
+from benchmark.errors import UsageError
 from benchmark.latents import Delta, reparametrize
 from benchmark.metrics import keys
-from benchmark.metrics.fid import (FrechetDistanceToReference, build_feature_extractor,
+from benchmark.metrics.fid import (FEATURE_EXTRACTORS, FrechetDistanceToReference, build_feature_extractor,
                                    reference_statistics)
 from benchmark.metrics.gaussianity import LatentGaussianity
 from benchmark.metrics.likelihood import LikelihoodBounds, elbo_terms, index_noise, iw_log_likelihood
@@ -155,11 +156,20 @@ class Evaluation(L.LightningModule):
         self.log_dict({f"test/{k}": v for k, v in results.items() if np.isfinite(v)}, rank_zero_only=True)
 
 
+def check_extractor(cfg: EvaluationConfig):
+    """The FID extractor is a registered one (the registry is torch-side, so ``EvaluationConfig`` cannot check
+    it): called before a run trains, not found out after."""
+    if cfg.fid_samples > 0 and cfg.fid_extractor not in FEATURE_EXTRACTORS:
+        raise UsageError(f"unknown evaluation.fid_extractor {cfg.fid_extractor!r}; "
+                         f"choose one of {sorted(FEATURE_EXTRACTORS)}")
+
+
 def evaluate(model: LatentVariableModel, datamodule, cfg: EvaluationConfig, make_trainer) -> dict:
     """Fit what the evaluation needs (ex-post posterior, GMM, FID extractor), then run it on the test split.
 
     ``make_trainer(**overrides)`` builds a Trainer with the run's strategy and devices. Returns the metrics,
     a description of the protocol for the run record, and the seconds each phase took."""
+    check_extractor(cfg)
     datamodule.setup("test")
     L.seed_everything(cfg.seed, verbose=False)  # the evaluation of a model is a function of the model alone
     model.eval()

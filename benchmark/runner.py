@@ -19,7 +19,7 @@ import torch
 
 from benchmark.callbacks import Diverged, DivergenceGuard, ImageCount, RNGState
 from benchmark.errors import UsageError, failure_reason
-from benchmark.evaluation import evaluate
+from benchmark.evaluation import check_extractor, evaluate
 from benchmark.spec import EvaluationConfig, RunSpec
 
 
@@ -69,6 +69,7 @@ def train_and_evaluate(spec: RunSpec) -> dict:
     # Linked from the data at instantiation: the parsed config still holds the class default (1, 28, 28).
     config["model"]["init_args"]["data_shape"] = list(model.hparams.data_shape)
     eval_cfg = EvaluationConfig(**{"seed": spec.seed, **spec.evaluation})
+    check_extractor(eval_cfg)
     logger = _logger(spec, config)
     ckpt_dir = spec.run_dir / "checkpoints"
     counter = ImageCount()
@@ -195,8 +196,8 @@ def evaluate_checkpoint_main(argv: list[str]):
     args = parser.parse_args(argv)
     fields = parse_assignments(args.set, EvaluationConfig.__dataclass_fields__)
     ckpt = Path(args.checkpoint)
-    model, data = load_checkpoint(ckpt)
     cfg = EvaluationConfig(**fields)
+    model, data = load_checkpoint(ckpt)
 
     def make_trainer(**overrides):
         return L.Trainer(**{"accelerator": "auto", "devices": 1, "logger": False, "enable_checkpointing": False,

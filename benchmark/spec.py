@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from benchmark.errors import UsageError
+
 
 @dataclass
 class RunSpec:
@@ -70,3 +72,19 @@ class EvaluationConfig:
     expost_epochs: int = 5
     seed: int = 0
     cache_dir: Optional[str] = None
+
+    def __post_init__(self):
+        # Checked where the config is made (a study's parent, before any run trains): a bad value found by
+        # the evaluation itself would surface only after a run's whole training.
+        for name, least in (("iw_samples", 0), ("fid_samples", 0), ("gmm_components", 0), ("expost_epochs", 0),
+                            ("max_codes", 2), ("seed", None)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or (least is not None and value < least):
+                kind = "an integer" if least is None else f"an integer of at least {least}"
+                raise UsageError(f"evaluation.{name} must be {kind}, got {value!r}")
+        if not isinstance(self.fid_extractor, str):
+            raise UsageError(f"evaluation.fid_extractor must be a name such as domain or inception, "
+                             f"got {self.fid_extractor!r}")
+        if self.inception_weights is not None and not Path(self.inception_weights).is_file():
+            raise UsageError(f"evaluation.inception_weights: {self.inception_weights} is not a file; fix the path, "
+                             "or drop it to let torch-fidelity download the weights")

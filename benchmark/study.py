@@ -79,6 +79,7 @@ def expand(study: dict, results_dir="results", work_dir="runs", wandb="offline",
     unknown = set(evaluation) - {f.name for f in fields(EvaluationConfig)}
     if unknown:
         raise UsageError(f"unknown evaluation field(s) {sorted(unknown)}; see benchmark.spec.EvaluationConfig")
+    EvaluationConfig(**evaluation)  # its values are checked here, before any run trains
     configs = Path(study["configs"])
     trainer = _keyed(configs, "trainer", study.get("trainer", "cpu"))
     specs = []

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -458,6 +459,28 @@ def test_an_unknown_trainer_dataset_or_variant_is_named_with_the_known_ones(tmp_
     path.write_text(yaml.safe_dump(study))
     with pytest.raises(study_mod.UsageError, match=message):
         study_mod.expand(study_mod.load_study(path), str(tmp_path))
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("iw_samples", -1, "evaluation.iw_samples must be an integer of at least 0, got -1"),
+    ("fid_samples", "many", "evaluation.fid_samples must be an integer of at least 0, got 'many'"),
+    ("max_codes", 1, "evaluation.max_codes must be an integer of at least 2, got 1"),
+    ("expost_epochs", 2.5, "evaluation.expost_epochs must be an integer of at least 0, got 2.5"),
+    ("seed", True, "evaluation.seed must be an integer, got True"),
+    ("inception_weights", "absent.pt", "evaluation.inception_weights: absent.pt is not a file")])
+def test_bad_evaluation_values_are_refused_when_the_study_is_expanded(tmp_path, field, value, message):
+    study = study_mod.load_study(write_study(tmp_path, "bad_eval", ["vae"], [0]))
+    with pytest.raises(study_mod.UsageError, match=re.escape(message)):
+        study_mod.expand(study, str(tmp_path), evaluation={field: value})
+
+
+def test_an_unknown_fid_extractor_stops_a_run_before_it_trains(tmp_path):
+    path = write_study(tmp_path, "bad_extractor", ["ae"], [0])
+    with pytest.raises(study_mod.UsageError, match="unknown evaluation.fid_extractor 'incep'; choose one of .*domain"):
+        run_study(path, tmp_path / "results", tmp_path / "runs", "--wandb", "disabled",
+                  "--set", "evaluation.fid_samples=10", "--set", "evaluation.fid_extractor=incep")
+    assert not (tmp_path / "runs" / "bad_extractor").exists()  # no checkpoint: nothing trained
+    assert not list((tmp_path / "results").rglob("*.json"))
 
 
 def test_set_overrides_evaluation_fields_and_rejects_unknown_ones(tmp_path):
