@@ -157,11 +157,16 @@ class Evaluation(L.LightningModule):
 
 
 def check_extractor(cfg: EvaluationConfig):
-    """The FID extractor is a registered one (the registry is torch-side, so ``EvaluationConfig`` cannot check
-    it): called before a run trains, not found out after."""
-    if cfg.fid_samples > 0 and cfg.fid_extractor not in FEATURE_EXTRACTORS:
+    """Called before a run trains, so that what would fail its evaluation fails now: the FID extractor is a
+    registered one (the registry is torch-side, out of ``EvaluationConfig``'s reach), and Inception's weights
+    load (torch-fidelity downloads them the first time; offline without a local file, that is an error)."""
+    if cfg.fid_samples <= 0:
+        return
+    if cfg.fid_extractor not in FEATURE_EXTRACTORS:
         raise UsageError(f"unknown evaluation.fid_extractor {cfg.fid_extractor!r}; "
                          f"choose one of {sorted(FEATURE_EXTRACTORS)}")
+    if cfg.fid_extractor == "inception":
+        build_feature_extractor("inception", weights_path=cfg.inception_weights)
 
 
 def evaluate(model: LatentVariableModel, datamodule, cfg: EvaluationConfig, make_trainer) -> dict:
@@ -169,7 +174,6 @@ def evaluate(model: LatentVariableModel, datamodule, cfg: EvaluationConfig, make
 
     ``make_trainer(**overrides)`` builds a Trainer with the run's strategy and devices. Returns the metrics,
     a description of the protocol for the run record, and the seconds each phase took."""
-    check_extractor(cfg)
     datamodule.setup("test")
     L.seed_everything(cfg.seed, verbose=False)  # the evaluation of a model is a function of the model alone
     model.eval()

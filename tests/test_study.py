@@ -483,6 +483,22 @@ def test_an_unknown_fid_extractor_stops_a_run_before_it_trains(tmp_path):
     assert not list((tmp_path / "results").rglob("*.json"))
 
 
+def test_inception_weights_that_cannot_load_stop_a_run_before_it_trains(tmp_path, monkeypatch):
+    """Offline and without a local file, torch-fidelity cannot fetch Inception's weights: found before
+    training, not after it."""
+    from benchmark.metrics import fid
+
+    def offline(self, weights_path=None):
+        raise fid.UsageError("torch-fidelity could not load its Inception weights (no network)")
+
+    monkeypatch.setattr(fid.TorchFidelityInceptionV3, "__init__", offline)
+    path = write_study(tmp_path, "offline_inception", ["ae"], [0])
+    with pytest.raises(study_mod.UsageError, match="could not load its Inception weights"):
+        run_study(path, tmp_path / "results", tmp_path / "runs", "--wandb", "disabled",
+                  "--set", "evaluation.fid_samples=10", "--set", "evaluation.fid_extractor=inception")
+    assert not (tmp_path / "runs" / "offline_inception").exists()
+
+
 def test_set_overrides_evaluation_fields_and_rejects_unknown_ones(tmp_path):
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump({"name": "s", "configs": str(CONFIGS), "datasets": ["digits_binary"],

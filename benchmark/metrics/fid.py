@@ -44,6 +44,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 
+from benchmark.errors import UsageError
+
 INCEPTION_SIZE = 299
 INCEPTION_TORCHSCRIPT_FILE = "inception-v3-2015-12-05.torchscript.pt"
 CACHE_ENV = "LATENT_BENCH_CACHE"
@@ -125,10 +127,10 @@ class TorchFidelityInceptionV3(FeatureExtractor):
                 "inception-v3-compat", ["2048"],
                 feature_extractor_weights_path=None if weights_path is None else str(weights_path))
         except OSError as error:  # urllib's URLError is an OSError
-            raise RuntimeError(
-                f"torch-fidelity could not load its Inception weights ({error}). Offline? Pass weights_path= a "
-                f"local 'weights-inception-2015-12-05-6726825d.pth' or the TorchScript '{INCEPTION_TORCHSCRIPT_FILE}'"
-            ) from error
+            raise UsageError(
+                f"torch-fidelity could not load its Inception weights ({error}); offline, pass a local "
+                f"'weights-inception-2015-12-05-6726825d.pth' or the TorchScript '{INCEPTION_TORCHSCRIPT_FILE}' "
+                "as weights_path (evaluation.inception_weights in a study)") from error
         self.eval()
 
     def forward(self, x: Tensor) -> Tensor:
