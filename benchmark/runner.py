@@ -74,10 +74,9 @@ def train_and_evaluate(spec: RunSpec) -> dict:
     ckpt_dir = spec.run_dir / "checkpoints"
     counter = ImageCount()
 
-    def make_trainer(**overrides):
-        kw = {"logger": False, "callbacks": [], "enable_checkpointing": False, "enable_progress_bar": False,
-              **overrides}
-        return cli.instantiate_trainer(**kw)
+    def make_trainer(**overrides):  # the run's trainer config, progress bar included, without its callbacks
+        return cli.instantiate_trainer(**{"logger": False, "callbacks": [], "enable_checkpointing": False,
+                                          **overrides})
 
     record = {"study": spec.study, "run": spec.name, "dataset": spec.dataset, "variant": spec.variant,
               "seed": spec.seed, "status": "running", "reason": None, "diverged_step": None,
@@ -201,7 +200,7 @@ def evaluate_checkpoint_main(argv: list[str]):
 
     def make_trainer(**overrides):
         return L.Trainer(**{"accelerator": "auto", "devices": 1, "logger": False, "enable_checkpointing": False,
-                            "enable_progress_bar": False, "enable_model_summary": False, **overrides})
+                            "enable_model_summary": False, **overrides})  # with progress bars: minutes on a CPU
 
     out = evaluate(model, data, cfg, make_trainer)
     print(json.dumps(out["metrics"], indent=2))
