@@ -164,15 +164,22 @@ def _finished(spec: RunSpec) -> bool:
 
 
 def run_sequential(specs: list[RunSpec], progress: Progress):
+    """One run after another in this process. As in a worker, a run's own output (Lightning's lines, progress
+    bars, warnings, a failed run's traceback) goes to its log.txt, and the console keeps the study's lines."""
     from benchmark.cli import lightning_info_on_stdout
     from benchmark.runner import train_and_evaluate
 
     with lightning_info_on_stdout():
         for spec in specs:
+            log = spec.run_dir / "log.txt"
+            spec.run_dir.mkdir(parents=True, exist_ok=True)
             progress.running = 1
-            progress.event(spec.name, "started")
-            record = train_and_evaluate(spec)
+            progress.event(spec.name, f"started, output in {log}")
+            with _output_to(log):
+                record = train_and_evaluate(spec)
             progress.running = 0
+            if record["status"] == "failed":
+                record = {**record, "reason": f"{record['reason']}; see {log}"}
             progress.finish(spec.name, record)
 
 

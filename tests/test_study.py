@@ -308,6 +308,20 @@ def test_counting_cpu_workers_does_not_load_torch_on_a_machine_without_gpu_devic
     assert proc.stdout.strip() == "['cpu', 'cpu'] False"
 
 
+def test_a_sequential_study_prints_only_its_own_lines_and_each_run_writes_its_log(tmp_path):
+    """Lightning's lines, warnings and bars go to the run's log.txt, as in a worker (fd-level, so a process)."""
+    path = write_study(tmp_path, "console", ["ae"], [0])
+    proc = subprocess.run([sys.executable, "-m", "benchmark.cli", "run", str(path), "--results", str(tmp_path / "results"),
+                           "--work-dir", str(tmp_path / "runs"), "--wandb", "disabled"],
+                          env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines == progress_lines(proc.stdout) and len(lines) == 4, lines  # start, run started/finished, leaderboard
+    log = tmp_path / "runs" / "console" / run_name("ae", 0) / "log.txt"
+    assert f"output in {log}" in lines[1] and "finished" in lines[2]
+    assert "Seed set to 0" in log.read_text() and "Seed set to" not in proc.stdout + proc.stderr
+
+
 def test_two_cpu_workers_run_three_runs_two_at_a_time(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", str(REPO))
     path = write_study(tmp_path, "workers", ["no_info"], [0, 1, 2])
@@ -479,7 +493,7 @@ def test_an_unknown_fid_extractor_stops_a_run_before_it_trains(tmp_path):
     with pytest.raises(study_mod.UsageError, match="unknown evaluation.fid_extractor 'incep'; choose one of .*domain"):
         run_study(path, tmp_path / "results", tmp_path / "runs", "--wandb", "disabled",
                   "--set", "evaluation.fid_samples=10", "--set", "evaluation.fid_extractor=incep")
-    assert not (tmp_path / "runs" / "bad_extractor").exists()  # no checkpoint: nothing trained
+    assert not list((tmp_path / "runs").rglob("*.ckpt"))  # no checkpoint: nothing trained
     assert not list((tmp_path / "results").rglob("*.json"))
 
 
@@ -496,7 +510,7 @@ def test_inception_weights_that_cannot_load_stop_a_run_before_it_trains(tmp_path
     with pytest.raises(study_mod.UsageError, match="could not load its Inception weights"):
         run_study(path, tmp_path / "results", tmp_path / "runs", "--wandb", "disabled",
                   "--set", "evaluation.fid_samples=10", "--set", "evaluation.fid_extractor=inception")
-    assert not (tmp_path / "runs" / "offline_inception").exists()
+    assert not list((tmp_path / "runs").rglob("*.ckpt"))
 
 
 def test_set_overrides_evaluation_fields_and_rejects_unknown_ones(tmp_path):
