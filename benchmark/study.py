@@ -62,6 +62,22 @@ def load_study(path: str | Path) -> dict:
 CONFIG_KINDS = {"trainer": "trainer", "data": "dataset", "model": "variant"}  # config folder -> what a study names
 
 
+def select(study: dict, **subsets: str | None) -> dict:
+    """The study narrowed to a part of its grid, e.g. ``select(study, variants="vae,ae", seeds="0")``: the
+    runs keep their names and records, so a part run now and the rest later make the same study."""
+    study = dict(study)
+    for key, chosen in subsets.items():
+        if chosen is None:
+            continue
+        known = [str(v) for v in study[key]]
+        names = [v.strip() for v in str(chosen).split(",") if v.strip()]
+        missing = [v for v in names if v not in known]
+        if missing or not names:
+            raise UsageError(f"--{key} {chosen}: {', '.join(missing) or 'nothing'} not in the study's {key} {known}")
+        study[key] = [v for v in study[key] if str(v) in names]
+    return study
+
+
 def _keyed(configs: Path, kind: str, key: str) -> str:
     f = configs / kind / f"{key}.yaml"
     if not f.is_file():
@@ -314,13 +330,15 @@ def main(argv: list[str]):
     parser.add_argument("--work-dir", default="runs", help="checkpoints and W&B files (not results)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override for every run, e.g. --set trainer.max_epochs=2 or --set evaluation.iw_samples=100")
+    for key in ("datasets", "variants", "seeds"):
+        parser.add_argument(f"--{key}", default=None, metavar="A,B", help=f"only these of the study's {key}")
     args = parser.parse_args(argv)
     from benchmark.cli import parse_assignments
 
     overrides = parse_assignments(args.set)
     evaluation = {k.removeprefix("evaluation."): overrides.pop(k) for k in list(overrides) if k.startswith("evaluation.")}
     wandb = args.wandb or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
-    study = load_study(args.study)
+    study = select(load_study(args.study), datasets=args.datasets, variants=args.variants, seeds=args.seeds)
     specs = expand(study, args.results, args.work_dir, wandb, overrides, evaluation)
     progress = Progress(len(specs))
     todo = []

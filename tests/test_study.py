@@ -513,6 +513,17 @@ def test_inception_weights_that_cannot_load_stop_a_run_before_it_trains(tmp_path
     assert not list((tmp_path / "runs").rglob("*.ckpt"))
 
 
+def test_a_part_of_the_grid_runs_under_the_study_s_own_run_names(tmp_path):
+    path = write_study(tmp_path, "part", ["ae", "vae"], [0, 1])
+    results = tmp_path / "results"
+    assert run_study(path, results, tmp_path / "runs", "--wandb", "disabled", "--variants", "vae", "--seeds", "1") == 0
+    assert list(records_of(results, "part")) == [run_name("vae", 1)]
+    study = study_mod.load_study(path)
+    assert study_mod.select(study, variants="vae,ae")["variants"] == ["ae", "vae"]  # the study's order
+    with pytest.raises(study_mod.UsageError, match=r"--seeds 0,2: 2 not in the study's seeds \['0', '1'\]"):
+        study_mod.select(study, seeds="0,2")
+
+
 def test_set_overrides_evaluation_fields_and_rejects_unknown_ones(tmp_path):
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump({"name": "s", "configs": str(CONFIGS), "datasets": ["digits_binary"],

@@ -25,16 +25,17 @@ from benchmark.metrics.fid import FrechetDistanceToReference, build_feature_extr
 from benchmark.metrics.gaussianity import gaussianity
 from benchmark.metrics.likelihood import elbo_terms, index_noise, iw_log_likelihood
 from benchmark.runner import load_checkpoint, train_and_evaluate
-from benchmark.study import expand, load_study
+from benchmark.errors import UsageError
+from benchmark.study import expand, load_study, select
 
 
 def study_runs(args, scratch: Path) -> list:
     """Train and evaluate seed 0 of each named variant at the study's budget; print the phases."""
     study = load_study(args.study)
-    unknown = set(args.variants) - set(study["variants"])
-    if unknown:
-        raise SystemExit(f"--variants {sorted(unknown)} are not in {args.study}; it has {study['variants']}")
-    study.update(variants=args.variants, seeds=study["seeds"][:1], datasets=study["datasets"][:1])
+    try:
+        study = select(study, variants=args.variants, seeds=study["seeds"][0], datasets=study["datasets"][0])
+    except UsageError as e:
+        raise SystemExit(str(e)) from None
     overrides = {"trainer.enable_progress_bar": False, **({"data.path": args.data} if args.data else {}),
                  **({"trainer.max_epochs": args.epochs} if args.epochs else {})}
     specs = expand(study, scratch / "results", scratch / "runs", "disabled", overrides)
@@ -143,7 +144,6 @@ def main(argv=None):
     p.add_argument("--max-codes", type=int, default=10_000)
     p.add_argument("--inception", default=None, help="Inception weights file; times FID with Inception too")
     args = p.parse_args(argv)
-    args.variants = args.variants.split(",")
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)"
     print(f"device: {device}; torch {torch.__version__}")
     with tempfile.TemporaryDirectory() as scratch:

@@ -6,7 +6,7 @@
 # CPU); and wheels in .whl/ for packages the GPU image lacks. Writes everything to $OUT (or ./gpu-out).
 set -uo pipefail
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
-STUDY_TIMEOUT=${STUDY_TIMEOUT:-210}; EPOCHS=${EPOCHS:-20}; PER_DEVICE=${PER_DEVICE:-11}; SEEDS=${SEEDS:-[0]}
+STUDY_TIMEOUT=${STUDY_TIMEOUT:-210}; EPOCHS=${EPOCHS:-20}; PER_DEVICE=${PER_DEVICE:-11}; SEEDS=${SEEDS:-0}
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site:$PWD
@@ -14,12 +14,9 @@ fi
 export PYTHONPATH=${PYTHONPATH:-$PWD} PYTHONUNBUFFERED=1 LATENT_BENCH_CACHE=$PWD/.device/cache
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch, lightning; print('torch', torch.__version__, 'lightning', lightning.__version__, torch.cuda.get_device_name())" | tee -a "$OUT/gpu.txt"
-study=/tmp/gpu-study.yaml  # the headline study with only the seeds in $SEEDS, reading this tree's configs
-python3 -c "import sys, yaml; s = yaml.safe_load(open(sys.argv[1])); s.update(seeds=yaml.safe_load(sys.argv[2]), \
-configs='$PWD/configs'); yaml.safe_dump(s, open(sys.argv[3], 'w'))" "${STUDY:-configs/studies/seed_question_mnist.yaml}" \
-  "$SEEDS" "$study"
 start=$(date +%s)
-timeout "$STUDY_TIMEOUT" python3 -m benchmark.cli run "$study" --devices auto \
+timeout "$STUDY_TIMEOUT" python3 -m benchmark.cli run "${STUDY:-configs/studies/seed_question_mnist.yaml}" \
+  --seeds "$SEEDS" --devices auto \
   --per-device "$PER_DEVICE" --wandb disabled --results "$OUT/results" --work-dir /tmp/gpu-runs \
   --set trainer.accelerator=auto --set data.path=.device/mnist.pkl.gz --set "trainer.max_epochs=$EPOCHS" \
   --set evaluation.iw_samples=1000 --set evaluation.expost_epochs=5 \
