@@ -107,6 +107,36 @@ def suite_loop(name, data: LatentDataModule, epochs, device, compile=False, prec
     return n / statistics.median(timer.times[1:])
 
 
+def k_step_loop(name, data: LatentDataModule, epochs, device, k: int, compile=False, precision="32-true") -> float:
+    """A design option measured, not a mode of the suite: the suite's module and Trainer, but each
+    ``training_step`` takes k batches at once (one indexing op) and makes k optimiser steps of one batch each
+    by manual optimisation, so Lightning's per-step loop is paid once for k steps. The same images, batch size
+    and number of optimiser steps as the suite; it would cost the Trainer's gradient clipping and accumulation
+    flags, and ``limit_train_batches`` would count k-batches."""
+    model = make_model(name, data.shape, compile)
+    model.automatic_optimization = False
+
+    def training_step(batch, batch_idx):
+        optimizer, total = model.optimizers(), 0
+        for x in batch[0].chunk(k):
+            terms = model.objective(x)
+            model.terms["train_terms"].update(torch.stack(terms).detach(), len(x))
+            optimizer.zero_grad()
+            model.manual_backward(terms[0])
+            optimizer.step()
+            total = total + terms[0].detach()
+        return {"loss": total / k}
+
+    model.training_step = training_step
+    k_batches = LatentDataModule("mnist", path=data.hparams.path, binarize="dynamic",
+                                 batch_size=k * data.hparams.batch_size)
+    k_batches.splits, k_batches.grey = data.splits, data.grey  # the same tensors, already set up
+    timer = _EpochTimer()
+    _fit(model, k_batches, device, epochs, callbacks=[timer], precision=precision)
+    n = len(data.splits["train"]) // k_batches.hparams.batch_size * k_batches.hparams.batch_size
+    return n / statistics.median(timer.times[1:])
+
+
 def pythae_loop(name, x, epochs, batch_size, device) -> float | None:
     """pythae's trainer on the same MLP (optional extra: skipped with a message when pythae is absent)."""
     try:
@@ -151,6 +181,8 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--compile", action="store_true", help="torch.compile encoder and decoder, in both loops")
     p.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed"])
+    p.add_argument("--steps-per-call", type=int, default=1, metavar="K",
+                   help="also time K optimiser steps in each training_step (a design option, see k_step_loop)")
     p.add_argument("--host-syncs", action="store_true",
                    help="instead of timing, list where a training epoch synchronises with the GPU")
     args = p.parse_args(argv)
@@ -174,10 +206,12 @@ def main(argv=None):
     for name in args.models.split(","):
         for r in range(args.rounds):
             options = {"compile": args.compile, "precision": args.precision}
+            k = args.steps_per_call
             for loop, fn in (("plain", lambda: plain_loop(name, x, args.epochs, args.batch_size, device, **options)),
                              ("suite", lambda: suite_loop(name, data, args.epochs, device, **options)),
+                             (f"k{k}", lambda: k_step_loop(name, data, args.epochs, device, k, **options)),
                              ("pythae", lambda: pythae_loop(name, x, args.epochs, args.batch_size, device))):
-                if loop == "pythae" and (r > 0 and not results.get((name, "pythae"))):
+                if (loop == "pythae" and (r > 0 and not results.get((name, "pythae")))) or loop == "k1":
                     continue
                 value = fn()
                 if value is not None:
@@ -196,6 +230,11 @@ def main(argv=None):
         print(f"{name:9s} {med['plain']:12.0f} {med['suite']:12.0f} {py or float('nan'):13.0f} "
               f"{med['suite'] / med['plain']:12.3f} {med['suite'] / py if py else float('nan'):13.3f} "
               f"{extra_ms:20.2f} {paired:19.3f}")
+        if args.steps_per_call > 1:
+            k_runs = results[(name, f"k{args.steps_per_call}")]
+            k_paired = statistics.median(ks / plain for ks, plain in zip(k_runs, results[(name, "plain")]))
+            print(f"{'':9s} {args.steps_per_call} optimiser steps a training_step: "
+                  f"{statistics.median(k_runs):.0f} img/s, paired / plain {k_paired:.3f}")
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     gpu = f", GPU peak {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB" if device.type == "cuda" else ""
     print(f"peak RSS {rss:.0f} MiB{gpu}")
