@@ -20,12 +20,12 @@ from pathlib import Path
 
 import torch
 
+from benchmark.errors import UsageError
 from benchmark.evaluation import ExPostPosterior, is_deterministic
 from benchmark.metrics.fid import FrechetDistanceToReference, build_feature_extractor, reference_statistics
 from benchmark.metrics.gaussianity import gaussianity
 from benchmark.metrics.likelihood import elbo_terms, index_noise, iw_log_likelihood
 from benchmark.runner import load_checkpoint, train_and_evaluate
-from benchmark.errors import UsageError
 from benchmark.study import expand, load_study, select
 
 

@@ -27,7 +27,8 @@ tar czf "$OUT/results.tgz" -C "$OUT" results 2>/dev/null && rm -rf "$OUT/results
 tar czf "$OUT/worker-logs.tgz" --exclude='*.ckpt' --exclude='wandb' -C /tmp/gpu-runs . 2>/dev/null
 # the suite, a plain loop and 4 optimiser steps per training_step (Lightning's per-step loop paid once for 4)
 timeout "${PERF_TIMEOUT:-120}" python3 -m benchmark.perf.throughput --data .device/mnist.pkl.gz --epochs 3 --rounds 2 \
-  --train-size 10240 --models vae-mlp,ae-mlp,vae-conv,ae-conv --steps-per-call 4 2>&1 | grep -v -i "warn\|LOCAL_RANK\|available\|stopped\|tip" | tee "$OUT/throughput.txt"
+  --train-size 10240 --models vae-mlp,ae-mlp,vae-conv,ae-conv --steps-per-call 4 2>&1 \
+  | grep -v -i "warn\|LOCAL_RANK\|available\|stopped\|tip" | tee "$OUT/throughput.txt"
 # torch.compile and bf16 autocast, on the MLP VAE: both loops, the same budget as above
 for opt in --compile "--precision bf16-mixed"; do
   timeout "${OPT_TIMEOUT:-50}" python3 -m benchmark.perf.throughput --data .device/mnist.pkl.gz --epochs 3 --rounds 2 \

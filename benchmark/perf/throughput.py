@@ -207,11 +207,13 @@ def main(argv=None):
         for r in range(args.rounds):
             options = {"compile": args.compile, "precision": args.precision}
             k = args.steps_per_call
-            for loop, fn in (("plain", lambda: plain_loop(name, x, args.epochs, args.batch_size, device, **options)),
-                             ("suite", lambda: suite_loop(name, data, args.epochs, device, **options)),
-                             (f"k{k}", lambda: k_step_loop(name, data, args.epochs, device, k, **options)),
-                             ("pythae", lambda: pythae_loop(name, x, args.epochs, args.batch_size, device))):
-                if (loop == "pythae" and (r > 0 and not results.get((name, "pythae")))) or loop == "k1":
+            loops = [("plain", lambda: plain_loop(name, x, args.epochs, args.batch_size, device, **options)),
+                     ("suite", lambda: suite_loop(name, data, args.epochs, device, **options))]
+            if k > 1:
+                loops.append((f"k{k}", lambda: k_step_loop(name, data, args.epochs, device, k, **options)))
+            loops.append(("pythae", lambda: pythae_loop(name, x, args.epochs, args.batch_size, device)))
+            for loop, fn in loops:
+                if loop == "pythae" and (r > 0 and not results.get((name, "pythae"))):
                     continue
                 value = fn()
                 if value is not None:
