@@ -27,6 +27,7 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import sys
+import threading
 import time
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -260,6 +261,7 @@ def _slot_worker(slot: str, threads: int, pipe, run=None):
     """A worker's loop: take a run, do it with its output in the run's log.txt, say how it ended."""
     import traceback
 
+    _exit_with_parent()
     import torch
 
     if slot != "cpu":
@@ -277,6 +279,19 @@ def _slot_worker(slot: str, threads: int, pipe, run=None):
                 traceback.print_exc()
                 error = failure_reason(e)
         pipe.send(error)
+
+
+def _exit_with_parent():
+    """End this worker as soon as the study's process ends, however it ends (killed, timed out, cancelled):
+    an orphan would go on training on a device the next job uses, and write records that nobody waits for.
+    The run it leaves resumes from its last checkpoint."""
+    parent = multiprocessing.parent_process()
+
+    def watch():
+        parent.join()  # returns when the parent's end of the spawn pipe closes
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 @contextlib.contextmanager

@@ -9,6 +9,7 @@ each of those pays ~8-10 s of imports.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -320,6 +321,54 @@ def test_a_sequential_study_prints_only_its_own_lines_and_each_run_writes_its_lo
     log = tmp_path / "runs" / "console" / run_name("ae", 0) / "log.txt"
     assert f"output in {log}" in lines[1] and "finished" in lines[2]
     assert "Seed set to 0" in log.read_text() and "Seed set to" not in proc.stdout + proc.stderr
+
+
+def _children(pid: int) -> list[int]:
+    """Processes whose parent is ``pid`` (Linux /proc)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # ended while we looked
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from Linux /proc")
+def test_workers_end_with_a_killed_study_instead_of_training_on_as_orphans(tmp_path):
+    path = write_study(tmp_path, "orphans", ["vae"], [0, 1], epochs=2000, batches=5)  # runs of a minute or more
+    proc = subprocess.Popen([sys.executable, "-m", "benchmark.cli", "run", str(path), "--devices", "2", "--results",
+                             str(tmp_path / "results"), "--work-dir", str(tmp_path / "runs"), "--wandb", "disabled"],
+                            env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            start_new_session=True)
+    try:
+        started = 0
+        while started < 2:
+            line = proc.stdout.readline()
+            assert line, "the study ended before both runs started"
+            started += "started on cpu" in line
+        workers = [pid for pid in _children(proc.pid) if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text()]
+        assert len(workers) == 2, workers
+        time.sleep(3)  # the workers are into their runs
+        proc.kill()  # SIGKILL: the study's process gets no chance to stop its workers itself
+        proc.wait()
+        deadline = time.monotonic() + 20
+        while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(_alive(pid) for pid in workers), "a worker outlived its study"
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # nothing left in the group when the workers ended
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert not list((tmp_path / "results").rglob("*.json"))  # the runs were stopped, not finished
 
 
 def test_two_cpu_workers_run_three_runs_two_at_a_time(tmp_path, capsys, monkeypatch):
