@@ -286,6 +286,8 @@ def _exit_with_parent():
     an orphan would go on training on a device the next job uses, and write records that nobody waits for.
     The run it leaves resumes from its last checkpoint."""
     parent = multiprocessing.parent_process()
+    if parent is None:  # not a worker process
+        return
 
     def watch():
         parent.join()  # returns when the parent's end of the spawn pipe closes
