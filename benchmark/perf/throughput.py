@@ -97,14 +97,19 @@ def _fit(model, data: LatentDataModule, device, epochs, callbacks=(), **kwargs) 
     return trainer
 
 
-def suite_loop(name, data: LatentDataModule, epochs, device, compile=False, precision="32-true") -> float:
-    """The suite as users run it: Lightning Trainer, the shared DataModule and a run's callbacks. The epoch
-    timer stops before the epoch's checkpoint is written (Lightning runs checkpoint callbacks last)."""
-    model = make_model(name, data.shape, compile)
+def _images_per_s(model, data: LatentDataModule, device, epochs, precision) -> float:
+    """Fit ``model`` as a run does and return its training images/s, the median of the epochs after the
+    first. The epoch timer stops before the epoch's checkpoint is written (Lightning runs checkpoint
+    callbacks last)."""
     timer = _EpochTimer()
     _fit(model, data, device, epochs, callbacks=[timer], precision=precision)
     n = len(data.splits["train"]) // data.hparams.batch_size * data.hparams.batch_size
     return n / statistics.median(timer.times[1:])
+
+
+def suite_loop(name, data: LatentDataModule, epochs, device, compile=False, precision="32-true") -> float:
+    """The suite as users run it: Lightning Trainer, the shared DataModule and a run's callbacks."""
+    return _images_per_s(make_model(name, data.shape, compile), data, device, epochs, precision)
 
 
 def k_step_loop(name, data: LatentDataModule, epochs, device, k: int, compile=False, precision="32-true") -> float:
@@ -119,22 +124,18 @@ def k_step_loop(name, data: LatentDataModule, epochs, device, k: int, compile=Fa
     def training_step(batch, batch_idx):
         optimizer, total = model.optimizers(), 0
         for x in batch[0].chunk(k):
-            terms = model.objective(x)
-            model.terms["train_terms"].update(torch.stack(terms).detach(), len(x))
+            loss = model._common_step((x,), "train")  # the suite's step: objective and epoch-mean terms
             optimizer.zero_grad()
-            model.manual_backward(terms[0])
+            model.manual_backward(loss)
             optimizer.step()
-            total = total + terms[0].detach()
+            total = total + loss.detach()
         return {"loss": total / k}
 
     model.training_step = training_step
     k_batches = LatentDataModule("mnist", path=data.hparams.path, binarize="dynamic",
                                  batch_size=k * data.hparams.batch_size)
     k_batches.splits, k_batches.grey = data.splits, data.grey  # the same tensors, already set up
-    timer = _EpochTimer()
-    _fit(model, k_batches, device, epochs, callbacks=[timer], precision=precision)
-    n = len(data.splits["train"]) // k_batches.hparams.batch_size * k_batches.hparams.batch_size
-    return n / statistics.median(timer.times[1:])
+    return _images_per_s(model, k_batches, device, epochs, precision)
 
 
 def pythae_loop(name, x, epochs, batch_size, device) -> float | None:
