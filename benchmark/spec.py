@@ -38,6 +38,11 @@ class RunSpec:
     def run_dir(self) -> Path:
         return Path(self.work_dir) / self.study / self.name
 
+    @property
+    def log_path(self) -> Path:
+        """Where the run's own output goes (Lightning's lines, progress bars, a failed run's traceback)."""
+        return self.run_dir / "log.txt"
+
     def cli_args(self) -> list[str]:
         args = []
         for f in self.config_files:

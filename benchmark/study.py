@@ -188,7 +188,7 @@ def run_sequential(specs: list[RunSpec], progress: Progress):
 
     with lightning_info_on_stdout():
         for spec in specs:
-            log = spec.run_dir / "log.txt"
+            log = spec.log_path
             spec.run_dir.mkdir(parents=True, exist_ok=True)
             progress.running = 1
             progress.event(spec.name, f"started, output in {log}")
@@ -250,7 +250,7 @@ def run_workers(specs: list[RunSpec], slots: list[str], progress: Progress, run=
 def _report(spec: RunSpec, error: str | None, progress: Progress):
     from benchmark.records import read_record
 
-    log = spec.run_dir / "log.txt"
+    log = spec.log_path
     if error is None and spec.record_path.exists():
         progress.finish(spec.name, read_record(spec.record_path))
     else:
@@ -272,7 +272,7 @@ def _slot_worker(slot: str, threads: int, pipe, run=None):
     while (spec := pipe.recv()) is not None:
         spec = RunSpec(**spec)
         error = None
-        with _output_to(spec.run_dir / "log.txt"):
+        with _output_to(spec.log_path):
             try:
                 run(spec)
             except Exception as e:  # a bad config (UsageError) fails this run only; the study goes on
