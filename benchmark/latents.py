@@ -95,6 +95,9 @@ class Posterior(nn.Module):
     def n_params(self, latent_dim: int) -> int:
         raise NotImplementedError
 
+    def init_output(self, layer: nn.Linear):
+        """Initialise the encoder's output layer (which produces h) for this head; nothing by default."""
+
     def forward(self, h: Tensor) -> Distribution:
         raise NotImplementedError
 
@@ -136,20 +139,37 @@ class Diagonal(Posterior):
 
 
 class FullCovariance(Posterior):
-    """z = mu(x) + L(x) eps with L lower-triangular, positive diagonal (softplus + 1e-4): the full-covariance
-    Gaussian posterior (Kingma et al. 2016, Section 3, "full covariance Gaussian")."""
+    """z = mu(x) + L(x) eps with L lower-triangular: the full-covariance Gaussian posterior (Kingma et al. 2016,
+    Section 3, "full covariance Gaussian").
+
+    The encoder's output is laid out as [mu (D), s (D), off (D(D-1)/2)]: the diagonal of L is
+    softplus(s) + 1e-4, exactly as in ``Diagonal``, and the strictly lower entries are ``offdiag_scale * off``.
+    ``init_output`` zeroes the encoder's weights for ``off``, so at initialisation the posterior *is* the diagonal
+    one, and the scale sets the rate at which correlations are learned: with Adam, whose steps do not depend on
+    the gradient's scale, a factor c on an output moves it c times as fast as the means. With c = 1 the D(D-1)/2
+    entries moved at the means' step size and grew to 40-50 % of the posterior variance within an epoch, and
+    the ELBO was 12-17 nats below the diagonal VAE's."""
+
+    def __init__(self, offdiag_scale: float = 0.01):
+        super().__init__()
+        self.offdiag_scale = offdiag_scale
 
     def n_params(self, latent_dim):
         return latent_dim + latent_dim * (latent_dim + 1) // 2
 
+    def init_output(self, layer: nn.Linear):
+        with torch.no_grad():
+            d = int((math.isqrt(8 * layer.out_features + 9) - 3) // 2)
+            layer.weight[2 * d:].zero_()
+            layer.bias[2 * d:].zero_()
+
     def forward(self, h):
         d = int((math.isqrt(8 * h.shape[-1] + 9) - 3) // 2)  # solves d + d(d+1)/2 = n
-        mu, entries = h[..., :d], h[..., d:]
-        rows, cols = torch.tril_indices(d, d, device=h.device)
+        mu, s, off = h[..., :d], h[..., d: 2 * d], h[..., 2 * d:]
+        rows, cols = torch.tril_indices(d, d, offset=-1, device=h.device)
         tril = h.new_zeros(*h.shape[:-1], d, d)
-        tril[..., rows, cols] = entries
-        diag = F.softplus(tril.diagonal(dim1=-2, dim2=-1)) + 1e-4
-        tril = tril.tril(-1) + torch.diag_embed(diag)
+        tril[..., rows, cols] = self.offdiag_scale * off
+        tril = tril + torch.diag_embed(F.softplus(s) + 1e-4)
         return MultivariateNormal(mu, scale_tril=tril, validate_args=False)
 
 

@@ -76,6 +76,8 @@ class LatentVariableModel(L.LightningModule):
         self.head = self.make_posterior()
         self.encoder = make_encoder(data_shape, self.head.n_params(latent_dim), hidden)
         self.decoder = make_decoder(latent_dim, data_shape, hidden)
+        output = [m for m in self.encoder.modules() if isinstance(m, nn.Linear)][-1]  # every network ends in one
+        self.head.init_output(output)
         if compile:
             self.encoder.compile()
             self.decoder.compile()

@@ -140,10 +140,16 @@ class VAE(KLRegularized):
 
 
 class VAEFullCov(KLRegularized):
-    """The VAE with a full-covariance Gaussian posterior z = mu(x) + L(x) eps, L lower-triangular."""
+    """The VAE with a full-covariance Gaussian posterior z = mu(x) + L(x) eps, L lower-triangular. It starts as
+    the diagonal VAE; ``offdiag_scale`` is the rate at which L's off-diagonal entries learn (``FullCovariance``)."""
+
+    def __init__(self, offdiag_scale: float = 0.01, **kwargs):
+        if not offdiag_scale > 0:
+            raise UsageError(f"offdiag_scale must be positive, got {offdiag_scale}")
+        super().__init__(**kwargs)
 
     def make_posterior(self):
-        return FullCovariance()
+        return FullCovariance(self.hparams.offdiag_scale)
 
 
 class NoInfo(KLRegularized):

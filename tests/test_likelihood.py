@@ -37,13 +37,12 @@ def ppca(cls, shrink: float):
         if cls is VAE:
             std = cov.diagonal().sqrt() * shrink
             enc.bias[D:] = std - 1e-4 + torch.log(-torch.expm1(-(std - 1e-4)))  # softplus^-1
-        else:
+        else:  # outputs [mu, s, off]: L's diagonal softplus(s) + 1e-4, its strictly lower part scale * off
             tril = torch.linalg.cholesky(cov) * shrink
-            rows, cols = torch.tril_indices(D, D)
-            entries = tril[rows, cols]
-            diag = rows == cols
-            entries[diag] = entries[diag] - 1e-4 + torch.log(-torch.expm1(-(entries[diag] - 1e-4)))
-            enc.bias[D:] = entries
+            diag = tril.diagonal()
+            enc.bias[D: 2 * D] = diag - 1e-4 + torch.log(-torch.expm1(-(diag - 1e-4)))
+            rows, cols = torch.tril_indices(D, D, offset=-1)
+            enc.bias[2 * D:] = tril[rows, cols] / m.head.offdiag_scale
     px = MultivariateNormal(b, w @ w.T + S**2 * torch.eye(P))
     return m, px
 

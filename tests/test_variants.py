@@ -51,10 +51,28 @@ def test_mean_only_has_the_fixed_scale_and_vae_a_learned_one(x):
     assert torch.allclose(q.stddev, torch.full_like(q.stddev, 0.7))
     q = make("vae").posterior(x)
     assert q.stddev.std() > 0  # the scale depends on x and on the dimension
-    q = make("vae_fullcov").posterior(x)
+    q = FullCovariance(offdiag_scale=1.0)(torch.randn(32, 14))
     assert isinstance(q, MultivariateNormal)
     off_diag = q.covariance_matrix - torch.diag_embed(q.covariance_matrix.diagonal(dim1=-2, dim2=-1))
     assert off_diag.abs().max() > 1e-3  # correlated: the "third channel"
+
+
+def test_full_covariance_starts_as_the_diagonal_posterior_and_learns_correlations_at_its_scale(x):
+    m = make("vae_fullcov")
+    h = m.encoder(x)  # (B, 4 + 4 + 6)
+    q, q_diag = m.posterior(x), Diagonal()(h[:, :8])
+    assert torch.equal(h[:, 8:], torch.zeros_like(h[:, 8:]))  # the off-diagonal outputs are zero-initialised
+    assert torch.allclose(q.mean, q_diag.mean)
+    assert torch.allclose(q.covariance_matrix, torch.diag_embed(q_diag.variance), atol=1e-6)
+    pz = m.prior(x, x.shape[:1])
+    assert torch.allclose(kl(q, pz), kl(q_diag, pz), atol=1e-4)
+
+    h = torch.randn(3, 14)
+    rows, cols = torch.tril_indices(4, 4, offset=-1)
+    for scale in (0.01, 0.5):
+        tril = FullCovariance(scale)(h).scale_tril
+        assert torch.allclose(tril[:, rows, cols], scale * h[:, 8:])  # the rate: scale x the network's output
+        assert torch.allclose(tril.diagonal(dim1=-2, dim2=-1), Diagonal()(h[:, :8]).stddev)
 
 
 def test_no_info_codes_do_not_depend_on_x(x):
