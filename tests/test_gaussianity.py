@@ -252,6 +252,43 @@ def test_p_values_are_calibrated_under_the_null():
     assert abs(np.mean(ks_rejected) - alpha) < ks_tolerance
 
 
+TESTS = (K.MARDIA_SKEW_P, K.MARDIA_KURT_P, K.HZ_STAT, K.HZ_P)  # composite normality tests: nan without a test
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_constant_codes_have_no_normality_test(dtype):
+    """Codes all equal to 0.3: centring leaves a ~1e-17 rounding residue that a rank cut relative to the
+    largest eigenvalue takes for a rank-1 signal; judged on the absolute scale there is no variance at all."""
+    z = torch.full((300, 8), 0.3, dtype=dtype)
+    assert G.constant_dims(z).all()
+    m = G.mardia(z)
+    assert all(math.isnan(v) for v in (m.skew_stat, m.skew_p, m.kurt_z, m.kurt_p, *G.henze_zirkler(z)))
+    r = G.gaussianity(z)
+    assert all(math.isnan(r[key]) for key in TESTS)
+    # the distances to N(0, I) stay finite and far from it: each collapsed dimension costs KL ~ 6.4 nats
+    assert all(math.isfinite(v) for k, v in r.items() if k not in TESTS)
+    assert r[K.GAUSS_KL] > 8 * 6
+    assert r[K.MARDIA_KURT] == pytest.approx(abs((8 * 0.09) ** 2 - 8 * 10), rel=1e-6)  # |(|z|^2)^2 - D(D+2)|
+
+
+def test_a_constant_dimension_is_left_out_of_the_tests_and_flagged_by_the_distances():
+    """One dimension fixed at 0.3 among 7 N(0, 1) ones: a degenerate Gaussian is still Gaussian (the composite
+    null allows any covariance, singular included), so the tests run in the 7-dimensional span and give
+    exactly the values of the 7 other dimensions alone (r = D - 1), not a rejection and not nan; the
+    distances to N(0, I) see the collapsed dimension."""
+    z = codes("null", n=300, d=8)
+    z[:, 3] = 0.3
+    others = z[:, [0, 1, 2, 4, 5, 6, 7]]
+    assert G.constant_dims(z).tolist() == [False] * 3 + [True] + [False] * 4
+    assert G._whiten(z)[1] == 7
+    m, m7 = G.mardia(z), G.mardia(others)
+    for name in ("skew_stat", "skew_p", "kurt_z", "kurt_p"):
+        assert getattr(m, name) == pytest.approx(getattr(m7, name), rel=1e-9), name
+    assert G.henze_zirkler(z) == pytest.approx(G.henze_zirkler(others), rel=1e-9)
+    assert min(m.skew_p, m.kurt_p, G.henze_zirkler(z)[1]) > 1e-3
+    assert G.gauss_kl(z) > G.gauss_kl(others) + 6
+
+
 # --- the Metric -------------------------------------------------------------------------------------------
 
 def feed(metric, z, mu=None, batch_size=None, order=None, index=None):

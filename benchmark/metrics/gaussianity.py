@@ -58,13 +58,29 @@ def _cov(z: Tensor) -> tuple[Tensor, Tensor]:
     return mean, zc.T @ zc / (z.shape[0] - 1)  # (D,), (D, D)
 
 
+def constant_dims(z) -> Tensor:
+    """Dimensions (D,) bool whose codes are all equal to float64 rounding, judged on each dimension's own
+    absolute scale: sd_u <= 1e-10 max_i |z_iu|. Centring N equal values leaves a residue of at most about
+    N eps |z_u| (2e-12 |z_u| at N = 1e4), far below the 1e-10 cut, while a dimension that varies in float32
+    varies by at least 6e-8 of its magnitude. Not a rank cut relative to the other dimensions: codes that are
+    constant everywhere have no scale to be relative to, and their rounding residue would pass as a rank-1
+    signal (codes of value 0.3 got Henze-Zirkler p ~ 1e-24 that way)."""
+    z = _as_float64(z)
+    return (z - z.mean(0)).pow(2).mean(0).sqrt() <= 1e-10 * z.abs().amax(0)
+
+
 def _whiten(z: Tensor) -> tuple[Tensor, int]:
     """y = (z - mean) S^{-1/2} with S the maximum-likelihood covariance (1/N), restricted to the span of S.
 
     Returns y (N, r) and the rank r: rank-deficient codes are tested in their r-dimensional span (the
-    pseudo-inverse), so the reference distributions of the tests use r in place of D.
+    pseudo-inverse), so the reference distributions of the tests use r in place of D. Constant dimensions
+    (``constant_dims``) are dropped first, so constant codes have r = 0, and a constant dimension among
+    others gives exactly the test of the others.
     """
     zc = z - z.mean(0)
+    zc = zc[:, ~constant_dims(z)]  # (N, D') with D' <= D
+    if zc.shape[1] == 0:
+        return zc, 0
     eigval, eigvec = torch.linalg.eigh(zc.T @ zc / z.shape[0])
     keep = eigval > eigval.max().clamp_min(1e-300) * 1e-10
     return zc @ eigvec[:, keep] / eigval[keep].sqrt(), int(keep.sum())
@@ -147,7 +163,8 @@ def mardia(z) -> Mardia:
     covariance, rank r): skewness with Mardia's (1974) small-sample factor k = (r+1)(N+1)(N+3) /
     (N((N+1)(r+1) - 6)), kurtosis standardised by its exact null mean r(r+2)(N-1)/(N+1) and variance
     8r(r+2)(N-3)(N-r-1)(N-r+1) / ((N+1)^2 (N+3)(N+5)) (Mardia 1974). The test entries are nan for
-    constant codes (r = 0) or N <= r + 1.
+    constant codes (r = 0, see ``constant_dims``) or N <= r + 1; ``skew`` and ``kurt``, distances to N(0, I),
+    stay finite (constant codes are far from it).
     """
     z = _as_float64(z)
     d = z.shape[1]
@@ -176,7 +193,7 @@ def henze_zirkler(z) -> tuple[float, float]:
     HZ = 1/N sum_ij exp(-b^2/2 D_ij) - 2 (1+b^2)^{-r/2} sum_i exp(-b^2/(2(1+b^2)) D_i) + N (1+2b^2)^{-r/2},
     D_ij = |y_i - y_j|^2, D_i = |y_i|^2, b = ((2r+1) N / 4)^{1/(r+4)} / sqrt(2). The p-value uses the
     lognormal law with HZ's exact null mean and variance (Henze & Zirkler 1990, Theorem 2.1).
-    Constant codes (r = 0) have no test: (nan, nan).
+    Constant codes (r = 0, see ``constant_dims``) have no test: (nan, nan).
     """
     y, r = _whiten(_as_float64(z))
     n = y.shape[0]
