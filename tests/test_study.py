@@ -115,6 +115,7 @@ def test_a_study_writes_one_finished_self_describing_record_per_run_and_the_lead
         assert t["train_images_per_s"] * t["train_s"] == pytest.approx(EPOCHS * BATCHES * BATCH_SIZE)
         m = r["metrics"]
         assert math.isfinite(m["elbo"]) and m["elbo"] < 0 and m["distortion"] > 0, name
+        assert m["codes_n"] == EVALUATION["max_codes"]  # the battery's seeded subset of the test codes
         assert r["protocol"]["iw_samples"] == EVALUATION["iw_samples"]
         assert r["protocol"]["epochs"] == EPOCHS and r["protocol"]["image_size"] == 8
         assert (results / "runs" / "tiny" / r["samples"]).is_file()
@@ -122,6 +123,7 @@ def test_a_study_writes_one_finished_self_describing_record_per_run_and_the_lead
     assert deterministic == {"ex-post Gaussian"}
     md, csv_text = (results / "leaderboard.md").read_text(), (results / "leaderboard.csv").read_text()
     assert "## tiny / digits_binary" in md
+    assert "## Paired differences to vae" in md and "| no_info |" in md.split("## Paired differences")[1]
     for variant in VARIANTS:
         assert f"| {variant} |" in md
         assert f"tiny,digits_binary,{variant},elbo," in csv_text
