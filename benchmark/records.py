@@ -11,10 +11,13 @@ Writes are atomic (temp file in the same folder, fsync, ``os.replace``), seriali
 file, and a finished record is never overwritten unless asked. Everything else (tables, CSV, plots, the
 comparison with published values) is computed from the records, so it can be rebuilt at any time:
 
-    latent-bench leaderboard [RESULTS_DIR] [--references FILE]
+    latent-bench leaderboard [RESULTS_DIR] [--references FILE] [--reference-variant VARIANT]
 
 Cells are ``mean ± h (n)`` over seeds, h the 95% Student-t half-width t_{0.975, n-1} s / sqrt(n) with s the
-sample standard deviation (ddof = 1); h is undefined ("n/a") for one seed.
+sample standard deviation (ddof = 1); h is undefined ("n/a") for one seed. A second section (and
+``leaderboard_paired.csv``) gives each variant's difference to a reference variant (default vae) paired by
+seed, ``mean ± h (k/n)``: the same statistics over the n per-seed differences, and k the seeds whose
+difference has the sign of the mean.
 """
 
 from __future__ import annotations
@@ -329,6 +332,130 @@ def _tables(groups: Sequence[Group]) -> dict[tuple[str, str], list[Group]]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Paired differences to a reference variant
+# ----------------------------------------------------------------------------------------------------------------
+
+REFERENCE_VARIANT = "vae"
+
+
+@dataclass(frozen=True)
+class PairedDiff:
+    """variant - reference over the seeds both finished with a finite value: the mean difference, its sd
+    (ddof=1) and 95% Student-t half-width over those n seeds, and ``n_sign``, the seeds whose difference
+    has the sign of the mean. Pairing by seed removes what a seed does to both (the data split, the
+    evaluation's samples), so a lead that the unpaired CIs of two cells hide shows here."""
+    mean: float
+    std: float
+    ci95: float
+    n: int
+    n_sign: int
+    seeds: tuple = ()
+
+    def cell(self) -> str:
+        ci = "n/a" if math.isnan(self.ci95) else f"{self.ci95:.2g}"
+        return f"{self.mean:+.3g} ± {ci} ({self.n_sign}/{self.n})"
+
+
+def paired_difference(values: dict, reference: dict) -> PairedDiff | None:
+    """``values`` and ``reference`` map seed -> metric value. Seeds in only one of them, and non-finite or
+    missing values, are left out; None when no seed is left. One seed: the CI is nan ("n/a")."""
+    def finite(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    seeds = sorted((s for s in values if s in reference and finite(values[s]) and finite(reference[s])),
+                   key=lambda s: _seed_order({"seed": s}))
+    diffs = [float(values[s]) - float(reference[s]) for s in seeds]
+    stat = summarize(diffs)
+    if stat is None:
+        return None
+    sign = (stat.mean > 0) - (stat.mean < 0)
+    n_sign = sum(((d > 0) - (d < 0)) == sign for d in diffs)
+    return PairedDiff(stat.mean, stat.std, stat.ci95, stat.n, n_sign, tuple(seeds))
+
+
+@dataclass
+class PairedRow:
+    study: str
+    dataset: str
+    variant: str
+    reference: str
+    metric: str
+    diff: PairedDiff
+
+
+def paired_differences(records: Iterable[dict], reference: str = REFERENCE_VARIANT) -> list[PairedRow]:
+    """For every (study, dataset) with finished ``reference`` runs, every other variant and every metric key
+    that both report: the paired-by-seed difference variant - reference (``paired_difference``)."""
+    values: dict[tuple, dict] = {}  # (study, dataset, variant) -> {metric: {seed: value}}
+    for r in records:
+        if r.get("status") != "finished":
+            continue
+        by_metric = values.setdefault((str(r.get("study")), str(r.get("dataset")), str(r.get("variant"))), {})
+        for name, v in (r.get("metrics") or {}).items():
+            by_metric.setdefault(name, {})[r.get("seed")] = v
+    rows = []
+    for (study, dataset, variant), by_metric in sorted(values.items()):
+        ref = values.get((study, dataset, reference))
+        if variant == reference or ref is None:
+            continue
+        for name in sorted(set(by_metric) & set(ref), key=_metric_order):
+            diff = paired_difference(by_metric[name], ref[name])
+            if diff is not None:
+                rows.append(PairedRow(study, dataset, variant, reference, name, diff))
+    return rows
+
+
+def paired_markdown(rows: Sequence[PairedRow], groups: Sequence[Group] = ()) -> list[str]:
+    """Markdown lines of the paired differences per (study, dataset): the ``HEADLINE`` metrics, then every
+    other metric, variants in the table's rank order (from ``groups``), one column per metric that has a
+    direction (p-values, rates and null values are left to the CSV)."""
+    if not rows:
+        return []
+    reference = rows[0].reference
+    lines = [f"## Paired differences to {reference}", "",
+             f"Cells: mean of (variant - {reference}) over the seeds both finished ± 95% CI half-width "
+             f"(Student t) (seeds where the difference has the sign of the mean / seeds paired). "
+             f"With ↓ metrics a negative difference favours the variant, with ↑ ones a positive one.", ""]
+    order = {key: [g.variant for g in table] for key, table in _tables(groups).items()}
+    tables: dict[tuple, dict[str, dict[str, PairedDiff]]] = {}
+    for row in rows:
+        tables.setdefault((row.study, row.dataset), {}).setdefault(row.variant, {})[row.metric] = row.diff
+    for (study, dataset), by_variant in tables.items():
+        ranked = order.get((study, dataset), [])
+        variants = sorted(by_variant, key=lambda v: (ranked.index(v) if v in ranked else len(ranked), v))
+        present = sorted({k for cells in by_variant.values() for k in cells
+                          if K.HIGHER_IS_BETTER.get(k, False) is not None}, key=_metric_order)
+        if not present:
+            continue
+        lines += [f"### {study} / {dataset}", ""]
+        for title, cols in (("", [k for k in HEADLINE if k in present]),
+                            ("Other metrics", [k for k in present if k not in HEADLINE])):
+            if not cols:
+                continue
+            if title:
+                lines += [f"{title}:", ""]
+            cells = [[v, *[by_variant[v][k].cell() if k in by_variant[v] else "–" for k in cols]]
+                     for v in variants]
+            lines += _md_table(["variant", *map(_header, cols)], cells) + [""]
+    return lines
+
+
+def write_paired_csv(rows: Sequence[PairedRow], path: str | Path) -> Path:
+    """One row per (study, dataset, variant, metric): the paired difference to the reference; NaN empty."""
+    out = io.StringIO()
+    w = csv.writer(out)
+    w.writerow(["study", "dataset", "variant", "reference", "metric", "mean", "std", "ci95", "n", "n_sign",
+                "seeds"])
+    for r in rows:
+        d = r.diff
+        w.writerow([r.study, r.dataset, r.variant, r.reference, r.metric,
+                    *["" if math.isnan(v) else repr(v) for v in (d.mean, d.std, d.ci95)], d.n, d.n_sign,
+                    " ".join(map(str, d.seeds))])
+    _atomic_write(Path(path), out.getvalue())
+    return Path(path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Published values
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -430,7 +557,7 @@ def _number(x: float | None) -> str:
 
 
 def leaderboard_markdown(groups: Sequence[Group], references: Sequence[dict] = (), plots: Sequence[str] = (),
-                         n_records: int = 0) -> str:
+                         n_records: int = 0, paired: Sequence[PairedRow] = ()) -> str:
     lines = ["# Leaderboard", "",
              f"Computed from {n_records} run records. Cells: mean ± 95% CI half-width (Student t) (n seeds); "
              "↑ higher is better, ↓ lower is better. Diverged and failed runs are counted, not averaged.", ""]
@@ -453,6 +580,7 @@ def leaderboard_markdown(groups: Sequence[Group], references: Sequence[dict] = (
         running = sum(g.n_running for g in table)
         if running:
             lines += [f"{running} run(s) still running, not counted.", ""]
+    lines += paired_markdown(paired, groups)
     rows = reproduction_rows(groups, references)
     if rows:
         lines += ["## Reproduction of published values", "",
@@ -579,8 +707,10 @@ def plot_samples(groups: Sequence[Group], results_dir: str | Path, path: str | P
     return _save(fig, Path(path))
 
 
-def write_leaderboard(results_dir: str | Path, references: str | Path | None = None) -> Path:
-    """Write ``leaderboard.md``, ``leaderboard.csv`` and the plots into ``results_dir``; returns the .md."""
+def write_leaderboard(results_dir: str | Path, references: str | Path | None = None,
+                      reference_variant: str = REFERENCE_VARIANT) -> Path:
+    """Write ``leaderboard.md``, ``leaderboard.csv``, ``leaderboard_paired.csv`` (differences to
+    ``reference_variant``, paired by seed) and the plots into ``results_dir``; returns the .md."""
     root = Path(results_dir)
     if not root.is_dir():
         raise UsageError(f"results directory {root} does not exist; pass the folder that holds "
@@ -594,6 +724,7 @@ def write_leaderboard(results_dir: str | Path, references: str | Path | None = N
         raise UsageError(f"references file {refs_path} does not exist; fix --references or drop it")
     refs = load_references(refs_path) if refs_path.is_file() else []
     groups = aggregate(records)
+    paired = _paired_to(records, reference_variant)
     plots = []
     for name, make in (("fid_vs_elbo.png", lambda p: plot_fid_vs_elbo(groups, p)),
                        ("gaussianity.png", lambda p: plot_gaussianity(groups, p)),
@@ -603,19 +734,33 @@ def write_leaderboard(results_dir: str | Path, references: str | Path | None = N
         else:
             (root / name).unlink(missing_ok=True)  # never leave a plot of records that are gone
     write_csv(groups, root / "leaderboard.csv")
+    write_paired_csv(paired, root / "leaderboard_paired.csv")
     md = root / "leaderboard.md"
-    _atomic_write(md, leaderboard_markdown(groups, refs, plots, n_records=len(records)))
+    _atomic_write(md, leaderboard_markdown(groups, refs, plots, n_records=len(records), paired=paired))
     return md
 
 
+def _paired_to(records: Sequence[dict], reference_variant: str) -> list[PairedRow]:
+    """The paired differences; a reference variant that no record has is a usage error unless it is the
+    default (a study without a VAE then simply has no paired section)."""
+    known = sorted({str(r.get("variant")) for r in records})
+    if reference_variant not in known and reference_variant != REFERENCE_VARIANT:
+        raise UsageError(f"--reference-variant {reference_variant}: no record has that variant; choose one of "
+                         f"{known}")
+    return paired_differences(records, reference_variant)
+
+
 def leaderboard_main(argv: Sequence[str] | None = None) -> Path:
-    """``latent-bench leaderboard [RESULTS_DIR] [--references FILE]``: prints and returns the .md path."""
+    """``latent-bench leaderboard [RESULTS_DIR] [--references FILE] [--reference-variant VARIANT]``: prints and
+    returns the .md path."""
     parser = argparse.ArgumentParser(prog="latent-bench leaderboard",
                                      description="Tables and plots from the run records in RESULTS_DIR.")
     parser.add_argument("results_dir", nargs="?", default="results", metavar="RESULTS_DIR")
     parser.add_argument("--references", default=None,
                         help="published values to compare with (default: RESULTS_DIR/references.yaml)")
+    parser.add_argument("--reference-variant", default=REFERENCE_VARIANT, metavar="VARIANT",
+                        help="the variant every other one is compared with, paired by seed (default: vae)")
     args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
-    md = write_leaderboard(args.results_dir, args.references)
+    md = write_leaderboard(args.results_dir, args.references, args.reference_variant)
     print(md)
     return md

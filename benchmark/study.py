@@ -91,7 +91,10 @@ def expand(study: dict, results_dir="results", work_dir="runs", wandb="offline",
            evaluation=None) -> list[RunSpec]:
     """The study's runs, in a stable order: dataset, then variant, then seed.
 
-    ``overrides`` (trainer/model/data keys) and ``evaluation`` (EvaluationConfig fields) win over the study's."""
+    ``overrides`` (trainer/model/data keys) and ``evaluation`` (EvaluationConfig fields) win over the study's.
+    The data split and its fixed binarisations follow the run's seed (``data.seed`` = seed) unless a config
+    file, the study or ``overrides`` sets ``data.seed``: otherwise every seed would share seed 0's split, and
+    the spread over seeds would leave out the split's share of the variance."""
     evaluation = {**study.get("evaluation", {}), **(evaluation or {})}
     unknown = set(evaluation) - {f.name for f in fields(EvaluationConfig)}
     if unknown:
@@ -104,15 +107,31 @@ def expand(study: dict, results_dir="results", work_dir="runs", wandb="offline",
         data = _keyed(configs, "data", dataset)
         for variant in study["variants"]:
             model = _keyed(configs, "model", variant)
+            run_overrides = {**study.get("overrides", {}), **study.get("variant_overrides", {}).get(variant, {}),
+                             **(overrides or {})}
+            data_seed_set = DATA_SEED in run_overrides or _sets_data_seed([trainer, model, data])
             for seed in study["seeds"]:
                 specs.append(RunSpec(
                     study=study["name"], name=f"{dataset}-{variant}-s{seed}", dataset=dataset, variant=variant,
                     seed=int(seed), config_files=[trainer, model, data],
-                    overrides={**study.get("overrides", {}), **study.get("variant_overrides", {}).get(variant, {}),
-                               **(overrides or {})},
+                    overrides=run_overrides if data_seed_set else {DATA_SEED: int(seed), **run_overrides},
                     evaluation=evaluation, results_dir=str(results_dir),
                     work_dir=str(work_dir), wandb=wandb))
     return specs
+
+
+DATA_SEED = "data.seed"
+
+
+def _sets_data_seed(config_files: list[str]) -> bool:
+    """Whether one of the YAMLs sets ``data.seed`` (``data: {seed: ...}`` or a dotted ``data.seed`` key)."""
+    for f in config_files:
+        cfg = yaml.safe_load(Path(f).read_text()) or {}
+        data = cfg.get("data") if isinstance(cfg.get("data"), dict) else {}
+        init_args = data.get("init_args") if isinstance(data.get("init_args"), dict) else {}
+        if DATA_SEED in cfg or "seed" in data or "seed" in init_args:
+            return True
+    return False
 
 
 GPU_DEVICE_NODES = ("/dev/nvidia[0-9]*", "/dev/dxg", "/dev/kfd", "/dev/nvhost-ctrl-gpu")  # NVIDIA, WSL, ROCm, Jetson

@@ -72,7 +72,8 @@ def test_standard_normal_codes_score_near_zero(null_battery):
     r = null_battery
     assert set(r) == {keys.GAUSS_KL, keys.GAUSS_MMD, keys.GAUSS_SWD, keys.MARDIA_SKEW, keys.MARDIA_KURT,
                       keys.MARDIA_SKEW_P, keys.MARDIA_KURT_P, keys.HZ_STAT, keys.HZ_P, keys.KS_FRAC,
-                      keys.PRIOR_HOLES, keys.KNN_KL, keys.ACTIVE_UNITS, keys.TOTAL_CORRELATION}
+                      keys.PRIOR_HOLES, keys.KNN_KL, keys.ACTIVE_UNITS, keys.TOTAL_CORRELATION,
+                      keys.GAUSS_KL_NULL, keys.TOTAL_CORRELATION_NULL, keys.CODES_N, keys.PRIOR_HOLES_FIT_N}
     assert all(math.isfinite(v) for v in r.values())
     # bounds are several standard errors at N = 2000, D = 8 (e.g. E gauss_kl ~ D(D+1)/(4N) = 0.009)
     assert 0 <= r[keys.GAUSS_KL] < 0.04
@@ -86,6 +87,10 @@ def test_standard_normal_codes_score_near_zero(null_battery):
     assert r[keys.KS_FRAC] >= 0.75
     assert min(r[keys.MARDIA_SKEW_P], r[keys.MARDIA_KURT_P], r[keys.HZ_P]) > 1e-3
     assert r[keys.ACTIVE_UNITS] == 8
+    assert (r[keys.CODES_N], r[keys.PRIOR_HOLES_FIT_N]) == (N, N // 2)
+    # the plug-in estimates sit at their own null value, within a few of its standard errors
+    assert abs(r[keys.GAUSS_KL] - r[keys.GAUSS_KL_NULL]) < 0.015
+    assert abs(r[keys.TOTAL_CORRELATION] - r[keys.TOTAL_CORRELATION_NULL]) < 0.015
 
 
 # --- each departure from N(0, I) is flagged ---------------------------------------------------------------
@@ -250,6 +255,73 @@ def test_p_values_are_calibrated_under_the_null():
     assert np.all(np.abs(rejections / reps - alpha) < tolerance), rejections / reps
     ks_tolerance = 3 * math.sqrt(alpha * (1 - alpha) / (3 * reps))  # three marginals per sample
     assert abs(np.mean(ks_rejected) - alpha) < ks_tolerance
+
+
+TESTS = (K.MARDIA_SKEW_P, K.MARDIA_KURT_P, K.HZ_STAT, K.HZ_P)  # composite normality tests: nan without a test
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_constant_codes_have_no_normality_test(dtype):
+    """Codes all equal to 0.3: centring leaves a ~1e-17 rounding residue that a rank cut relative to the
+    largest eigenvalue takes for a rank-1 signal; judged on the absolute scale there is no variance at all."""
+    z = torch.full((300, 8), 0.3, dtype=dtype)
+    assert G.constant_dims(z).all()
+    m = G.mardia(z)
+    assert all(math.isnan(v) for v in (m.skew_stat, m.skew_p, m.kurt_z, m.kurt_p, *G.henze_zirkler(z)))
+    r = G.gaussianity(z)
+    assert all(math.isnan(r[key]) for key in TESTS)
+    # the distances to N(0, I) stay finite and far from it: each collapsed dimension costs KL ~ 6.4 nats
+    assert all(math.isfinite(v) for k, v in r.items() if k not in TESTS)
+    assert r[K.GAUSS_KL] > 8 * 6
+    assert r[K.MARDIA_KURT] == pytest.approx(abs((8 * 0.09) ** 2 - 8 * 10), rel=1e-6)  # |(|z|^2)^2 - D(D+2)|
+
+
+def test_a_constant_dimension_is_left_out_of_the_tests_and_flagged_by_the_distances():
+    """One dimension fixed at 0.3 among 7 N(0, 1) ones: a degenerate Gaussian is still Gaussian (the composite
+    null allows any covariance, singular included), so the tests run in the 7-dimensional span and give
+    exactly the values of the 7 other dimensions alone (r = D - 1), not a rejection and not nan; the
+    distances to N(0, I) see the collapsed dimension."""
+    z = codes("null", n=300, d=8)
+    z[:, 3] = 0.3
+    others = z[:, [0, 1, 2, 4, 5, 6, 7]]
+    assert G.constant_dims(z).tolist() == [False] * 3 + [True] + [False] * 4
+    assert G._whiten(z)[1] == 7
+    m, m7 = G.mardia(z), G.mardia(others)
+    for name in ("skew_stat", "skew_p", "kurt_z", "kurt_p"):
+        assert getattr(m, name) == pytest.approx(getattr(m7, name), rel=1e-9), name
+    assert G.henze_zirkler(z) == pytest.approx(G.henze_zirkler(others), rel=1e-9)
+    assert min(m.skew_p, m.kurt_p, G.henze_zirkler(z)[1]) > 1e-3
+    assert G.gauss_kl(z) > G.gauss_kl(others) + 6
+
+
+@pytest.mark.parametrize("n, d", [(300, 8), (20, 5)])
+def test_null_values_are_the_plug_in_estimates_expectation_on_standard_normal_codes(n, d):
+    """Closed forms (Wishart log-determinant) against a seeded Monte Carlo of the estimators themselves."""
+    reps = 400
+    g = torch.Generator().manual_seed(7)
+    samples = [torch.randn(n, d, generator=g, dtype=torch.float64) for _ in range(reps)]
+    for estimate, null in ((G.gauss_kl, G.gauss_kl_null), (G.total_correlation, G.total_correlation_null)):
+        values = np.array([estimate(z) for z in samples])
+        se = values.std(ddof=1) / math.sqrt(reps)
+        assert abs(values.mean() - null(n, d)) < 4 * se, (estimate.__name__, values.mean(), null(n, d), se)
+    # the large-n expansions: d / (2n) + d (d + 1) / (4n) and d (d - 1) / (4n)
+    assert G.gauss_kl_null(10**6, 8) == pytest.approx(8 / 2e6 + 72 / 4e6, rel=1e-3)
+    assert G.total_correlation_null(10**6, 8) == pytest.approx(56 / 4e6, rel=1e-3)
+    assert math.isnan(G.gauss_kl_null(8, 8)) and math.isnan(G.total_correlation_null(5, 8))
+
+
+def test_the_battery_records_the_number_of_codes_it_used():
+    z = codes("null", n=400, d=4)
+    r = G.gaussianity(z)
+    assert (r[keys.CODES_N], r[keys.PRIOR_HOLES_FIT_N]) == (400, 200)
+    assert r[keys.GAUSS_KL_NULL] == G.gauss_kl_null(400, 4)
+    # the Metric: a bounded subset, and repeated (padding) indices counted once
+    capped = feed(G.LatentGaussianity(max_codes=150), z).compute()
+    assert (capped[keys.CODES_N], capped[keys.PRIOR_HOLES_FIT_N]) == (150, 75)
+    assert capped[keys.GAUSS_KL_NULL] == G.gauss_kl_null(150, 4)
+    padded = torch.cat([z[:99], z[:1]])
+    index = torch.cat([torch.arange(99), torch.zeros(1, dtype=torch.long)])
+    assert feed(G.LatentGaussianity(), padded, index=index).compute()[keys.CODES_N] == 99
 
 
 # --- the Metric -------------------------------------------------------------------------------------------

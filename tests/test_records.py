@@ -16,7 +16,8 @@ from scipy import stats
 from benchmark.errors import UsageError
 from benchmark.metrics import keys as K
 from benchmark.records import (FinishedRecordError, aggregate, code_version, environment, leaderboard_main,
-                               load_records, rank, read_record, reproduction_rows, summarize, write_record)
+                               load_records, paired_difference, paired_differences, rank, read_record,
+                               reproduction_rows, summarize, write_record)
 
 CODE = {"commit": "0" * 40, "dirty": False}
 PROTOCOL = {"fid_extractor": "domain", "fid_samples": 1000, "fid_reference": "test", "iw_samples": 100,
@@ -157,6 +158,62 @@ def test_ranking_follows_the_metric_direction():
     elbo = aggregate([record("a", elbo=-95.0), record("b", elbo=-80.0),
                       record("c", elbo=-math.inf, elbo_expost=-85.0)])
     assert [g.variant for g in rank(elbo)] == ["b", "c", "a"]  # higher ELBO first, ex-post where missing
+
+
+def test_paired_difference_matches_a_hand_computation():
+    # differences 0.26, 0.38, 0.50: mean 0.38, sd 0.12, half-width t_{0.975, 2} 0.12 / sqrt(3) = 0.2981
+    d = paired_difference({0: 100.26, 1: 101.38, 2: 99.5}, {0: 100.0, 1: 101.0, 2: 99.0})
+    assert (d.n, d.n_sign, d.seeds) == (3, 3, (0, 1, 2))
+    assert d.mean == pytest.approx(0.38) and d.std == pytest.approx(0.12)
+    assert d.ci95 == pytest.approx(4.302653 * 0.12 / math.sqrt(3), rel=1e-6)
+    assert d.cell() == "+0.38 ± 0.3 (3/3)"
+    # one seed against the others: the sign holds in 2 of 3
+    mixed = paired_difference({0: 1.0, 1: 2.0, 2: 0.5}, {0: 0.0, 1: 0.0, 2: 1.0})
+    assert mixed.mean == pytest.approx(2.5 / 3) and mixed.n_sign == 2 and mixed.cell().endswith("(2/3)")
+
+
+def test_paired_difference_leaves_out_unpaired_seeds_and_has_no_ci_for_one_seed():
+    # seed 1 only in the variant, seed 2 only in the reference, seed 3 non-finite on one side
+    d = paired_difference({0: 5.0, 1: 9.0, 3: -math.inf}, {0: 7.0, 2: 1.0, 3: 2.0})
+    assert (d.mean, d.n, d.n_sign, d.seeds) == (-2.0, 1, 1, (0,))
+    assert math.isnan(d.ci95) and d.cell() == "-2 ± n/a (1/1)"
+    assert paired_difference({1: 1.0}, {2: 1.0}) is None
+
+
+def test_paired_differences_per_table_and_leaderboard_section(tmp_path):
+    nll = {"vae": [90.0, 91.0, 92.0], "ae_moments": [90.3, 91.4, 92.5], "ae": [95.0, 96.0, None]}
+    records = [record(v, seed, **({"nll_iw": x} if x is not None else {}), elbo=-x if v == "vae" else -math.inf,
+                      gauss_kl=0.1 * seed, hz_p=0.5)
+               for v, xs in nll.items() for seed, x in enumerate(xs)]
+    records += [record("vae", 7, status="diverged", nll_iw=1e9), record("ae", 7, nll_iw=1.0),  # no vae seed 7
+                record("rae", 0, study="other", nll_iw=80.0)]  # a table without the reference: no rows
+    rows = {(r.variant, r.metric): r for r in paired_differences(records)}
+    assert {r.study for r in rows.values()} == {"s"} and not any(v == "vae" for v, _ in rows)
+    moments = rows["ae_moments", "nll_iw"].diff
+    assert moments.mean == pytest.approx(0.4) and (moments.n, moments.n_sign) == (3, 3)
+    assert rows["ae", "nll_iw"].diff.n == 2  # seed 2 has no nll_iw, seed 7 no finished vae run
+    assert ("ae", "elbo") not in rows  # -inf on every seed: nothing to pair
+    assert rows["ae", "gauss_kl"].diff.mean == 0.0 and rows["ae", "gauss_kl"].diff.n_sign == 3
+    other = {(r.variant, r.metric): r for r in paired_differences(records, reference="ae")}
+    assert other["vae", "nll_iw"].diff.mean == pytest.approx(-5.0) and other["vae", "nll_iw"].reference == "ae"
+
+    write_all(tmp_path, records)
+    text = leaderboard_main([str(tmp_path)]).read_text()
+    section = text.split("## Paired differences to vae", 1)[1]
+    assert "### s / digits" in section and "other" not in section.split("## Reproduction")[0]
+    moments_row = next(line for line in section.splitlines() if line.startswith("| ae_moments |"))
+    assert "+0.4 ± " in moments_row and "(3/3)" in moments_row
+    header = next(line for line in section.splitlines() if line.startswith("| variant |"))
+    assert "nll_iw ↓" in header and "hz_p" not in header  # no direction: in the CSV only
+    with open(tmp_path / "leaderboard_paired.csv") as f:
+        csv_rows = {(r["variant"], r["metric"]): r for r in csv.DictReader(f)}
+    row = csv_rows["ae_moments", "nll_iw"]
+    assert (row["reference"], row["n"], row["n_sign"], row["seeds"]) == ("vae", "3", "3", "0 1 2")
+    assert float(row["mean"]) == pytest.approx(0.4) and ("ae", "hz_p") in csv_rows
+    leaderboard_main([str(tmp_path), "--reference-variant", "ae"])
+    assert "## Paired differences to ae" in (tmp_path / "leaderboard.md").read_text()
+    with pytest.raises(UsageError, match="--reference-variant wae: no record has that variant"):
+        leaderboard_main([str(tmp_path), "--reference-variant", "wae"])
 
 
 # --- the leaderboard -----------------------------------------------------------------------------------------

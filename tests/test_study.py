@@ -103,6 +103,7 @@ def test_a_study_writes_one_finished_self_describing_record_per_run_and_the_lead
         assert run_name(r["variant"], r["seed"]) == name
         # the resolved config is the object graph that ran
         assert r["config"]["seed_everything"] == r["seed"]
+        assert r["config"]["data"]["seed"] == r["seed"]  # the split follows the run seed
         assert r["config"]["model"]["class_path"].startswith("benchmark.variants.")
         assert r["config"]["model"]["init_args"]["data_shape"] == [1, 8, 8]
         assert r["config"]["trainer"]["max_epochs"] == EPOCHS
@@ -114,6 +115,7 @@ def test_a_study_writes_one_finished_self_describing_record_per_run_and_the_lead
         assert t["train_images_per_s"] * t["train_s"] == pytest.approx(EPOCHS * BATCHES * BATCH_SIZE)
         m = r["metrics"]
         assert math.isfinite(m["elbo"]) and m["elbo"] < 0 and m["distortion"] > 0, name
+        assert m["codes_n"] == EVALUATION["max_codes"]  # the battery's seeded subset of the test codes
         assert r["protocol"]["iw_samples"] == EVALUATION["iw_samples"]
         assert r["protocol"]["epochs"] == EPOCHS and r["protocol"]["image_size"] == 8
         assert (results / "runs" / "tiny" / r["samples"]).is_file()
@@ -121,6 +123,7 @@ def test_a_study_writes_one_finished_self_describing_record_per_run_and_the_lead
     assert deterministic == {"ex-post Gaussian"}
     md, csv_text = (results / "leaderboard.md").read_text(), (results / "leaderboard.csv").read_text()
     assert "## tiny / digits_binary" in md
+    assert "## Paired differences to vae" in md and "| no_info |" in md.split("## Paired differences")[1]
     for variant in VARIANTS:
         assert f"| {variant} |" in md
         assert f"tiny,digits_binary,{variant},elbo," in csv_text
@@ -584,3 +587,29 @@ def test_set_overrides_evaluation_fields_and_rejects_unknown_ones(tmp_path):
     assert spec.overrides["trainer.max_epochs"] == 1
     with pytest.raises(study_mod.UsageError, match="unknown evaluation field.*'iw'"):
         study_mod.expand(study, str(tmp_path), evaluation={"iw": 3})
+
+
+def test_the_data_split_follows_the_run_seed_unless_data_seed_is_set(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump({"name": "s", "configs": str(CONFIGS), "datasets": ["digits_binary"],
+                                    "variants": ["vae", "ae"], "seeds": [0, 3],
+                                    "variant_overrides": {"ae": {"data.seed": 11}}}))
+    study = study_mod.load_study(path)
+    seeds = {(s.variant, s.seed): s.overrides.get("data.seed") for s in study_mod.expand(study, str(tmp_path))}
+    assert seeds == {("vae", 0): 0, ("vae", 3): 3, ("ae", 0): 11, ("ae", 3): 11}
+    # the user's --set wins over the run seed, as over the study
+    specs = study_mod.expand(study, str(tmp_path), overrides={"data.seed": 5})
+    assert {s.overrides["data.seed"] for s in specs} == {5}
+    # and reaches the CLI as an ordinary override, so the record's resolved config shows it
+    vae3 = next(s for s in study_mod.expand(study, str(tmp_path)) if s.name == "digits_binary-vae-s3")
+    args = vae3.cli_args()
+    assert args[args.index("--data.seed") + 1] == "3"
+    # a data config that sets its own seed keeps it
+    configs = tmp_path / "configs"
+    for kind in ("trainer", "model", "data"):
+        (configs / kind).mkdir(parents=True)
+    (configs / "trainer" / "cpu.yaml").write_text((CONFIGS / "trainer" / "cpu.yaml").read_text())
+    (configs / "model" / "vae.yaml").write_text((CONFIGS / "model" / "vae.yaml").read_text())
+    (configs / "data" / "fixed.yaml").write_text(yaml.safe_dump({"data": {"dataset": "digits", "seed": 7}}))
+    fixed = {**study, "configs": str(configs), "datasets": ["fixed"], "variants": ["vae"], "variant_overrides": {}}
+    assert all("data.seed" not in s.overrides for s in study_mod.expand(fixed, str(tmp_path)))

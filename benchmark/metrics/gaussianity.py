@@ -8,7 +8,10 @@ Three kinds of number are reported:
   prior_holes, knn_kl; and ks_frac, the fraction of marginals that pass a test against N(0, 1);
 - classical composite normality tests (is q Gaussian with *some* mean and covariance?): hz_stat and the
   p-values mardia_skew_p, mardia_kurt_p, hz_p (reported, not ranked);
-- structure: total_correlation (dependence between dimensions) and active_units (Burda et al. 2016).
+- structure: total_correlation (dependence between dimensions) and active_units (Burda et al. 2016);
+- the sample size: codes_n, prior_holes_fit_n, and gauss_kl_null, total_correlation_null, the values the
+  plug-in estimates gauss_kl and total_correlation take in expectation on exact N(0, I) codes of that size
+  (their bias upwards at finite N; reported, not ranked).
 """
 
 import math
@@ -16,7 +19,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from scipy import stats
+from scipy import special, stats
 from sklearn.mixture import GaussianMixture
 from sklearn.neighbors import NearestNeighbors
 from threadpoolctl import threadpool_limits
@@ -58,13 +61,29 @@ def _cov(z: Tensor) -> tuple[Tensor, Tensor]:
     return mean, zc.T @ zc / (z.shape[0] - 1)  # (D,), (D, D)
 
 
+def constant_dims(z) -> Tensor:
+    """Dimensions (D,) bool whose codes are all equal to float64 rounding, judged on each dimension's own
+    absolute scale: sd_u <= 1e-10 max_i |z_iu|. Centring N equal values leaves a residue of at most about
+    N eps |z_u| (2e-12 |z_u| at N = 1e4), far below the 1e-10 cut, while a dimension that varies in float32
+    varies by at least 6e-8 of its magnitude. Not a rank cut relative to the other dimensions: codes that are
+    constant everywhere have no scale to be relative to, and their rounding residue would pass as a rank-1
+    signal (codes of value 0.3 got Henze-Zirkler p ~ 1e-24 that way)."""
+    z = _as_float64(z)
+    return (z - z.mean(0)).pow(2).mean(0).sqrt() <= 1e-10 * z.abs().amax(0)
+
+
 def _whiten(z: Tensor) -> tuple[Tensor, int]:
     """y = (z - mean) S^{-1/2} with S the maximum-likelihood covariance (1/N), restricted to the span of S.
 
     Returns y (N, r) and the rank r: rank-deficient codes are tested in their r-dimensional span (the
-    pseudo-inverse), so the reference distributions of the tests use r in place of D.
+    pseudo-inverse), so the reference distributions of the tests use r in place of D. Constant dimensions
+    (``constant_dims``) are dropped first, so constant codes have r = 0, and a constant dimension among
+    others gives exactly the test of the others.
     """
     zc = z - z.mean(0)
+    zc = zc[:, ~constant_dims(z)]  # (N, D') with D' <= D
+    if zc.shape[1] == 0:
+        return zc, 0
     eigval, eigvec = torch.linalg.eigh(zc.T @ zc / z.shape[0])
     keep = eigval > eigval.max().clamp_min(1e-300) * 1e-10
     return zc @ eigvec[:, keep] / eigval[keep].sqrt(), int(keep.sum())
@@ -79,6 +98,26 @@ def gauss_kl(z, jitter: float = 1e-6) -> float:
     """
     mean, cov = _cov(_as_float64(z))
     return float(gaussian_kl_to_standard(mean, cov, jitter))
+
+
+def _expected_log_det_sample_cov(n: int, d: int) -> float:
+    """E log det S for S the (n - 1)-normalised sample covariance of n draws from N(0, I_d):
+    (n - 1) S ~ Wishart_d(n - 1, I), so E log det((n - 1) S) = sum_{i=1}^{d} psi((n - i) / 2) + d log 2
+    (e.g. Anderson 2003, Theorem 7.5.3 for the product of independent chi-squares)."""
+    i = np.arange(1, d + 1)
+    return float(special.digamma((n - i) / 2).sum() + d * math.log(2) - d * math.log(n - 1))
+
+
+def gauss_kl_null(n: int, d: int) -> float:
+    """E[gauss_kl] over n exact N(0, I_d) samples: what the plug-in estimate reports for the prior itself.
+
+    With E tr S = d and E |m|^2 = d / n, E KL = 1/2 (d / n - E log det S) (``_expected_log_det_sample_cov``);
+    about d / (2n) + d (d + 1) / (4n) for n >> d. nan for n <= d, where S is singular (the estimate then
+    rests on the jitter). The jitter's own share, about d * jitter, is left out.
+    """
+    if n <= d:
+        return math.nan
+    return 0.5 * (d / n - _expected_log_det_sample_cov(n, d))
 
 
 def gauss_mmd(z, bandwidths2: tuple[float, ...] | None = None) -> float:
@@ -147,7 +186,8 @@ def mardia(z) -> Mardia:
     covariance, rank r): skewness with Mardia's (1974) small-sample factor k = (r+1)(N+1)(N+3) /
     (N((N+1)(r+1) - 6)), kurtosis standardised by its exact null mean r(r+2)(N-1)/(N+1) and variance
     8r(r+2)(N-3)(N-r-1)(N-r+1) / ((N+1)^2 (N+3)(N+5)) (Mardia 1974). The test entries are nan for
-    constant codes (r = 0) or N <= r + 1.
+    constant codes (r = 0, see ``constant_dims``) or N <= r + 1; ``skew`` and ``kurt``, distances to N(0, I),
+    stay finite (constant codes are far from it).
     """
     z = _as_float64(z)
     d = z.shape[1]
@@ -176,7 +216,7 @@ def henze_zirkler(z) -> tuple[float, float]:
     HZ = 1/N sum_ij exp(-b^2/2 D_ij) - 2 (1+b^2)^{-r/2} sum_i exp(-b^2/(2(1+b^2)) D_i) + N (1+2b^2)^{-r/2},
     D_ij = |y_i - y_j|^2, D_i = |y_i|^2, b = ((2r+1) N / 4)^{1/(r+4)} / sqrt(2). The p-value uses the
     lognormal law with HZ's exact null mean and variance (Henze & Zirkler 1990, Theorem 2.1).
-    Constant codes (r = 0) have no test: (nan, nan).
+    Constant codes (r = 0, see ``constant_dims``) have no test: (nan, nan).
     """
     y, r = _whiten(_as_float64(z))
     n = y.shape[0]
@@ -273,17 +313,35 @@ def total_correlation(z, jitter: float = 1e-6) -> float:
     return float(0.5 * (cov.diagonal().log().sum() - torch.linalg.slogdet(cov).logabsdet))
 
 
+def total_correlation_null(n: int, d: int) -> float:
+    """E[total_correlation] over n draws with independent Gaussian dimensions (any means and variances: the
+    estimate is invariant to them): 1/2 (d E log S_uu - E log det S), with (n - 1) S_uu ~ chi2_{n-1}, so
+    1/2 (d psi((n - 1) / 2) - sum_{i=1}^{d} psi((n - i) / 2)); about d (d - 1) / (4n) for n >> d. nan for
+    n <= d."""
+    if n <= d:
+        return math.nan
+    i = np.arange(1, d + 1)
+    return float(0.5 * (d * special.digamma((n - 1) / 2) - special.digamma((n - i) / 2).sum()))
+
+
 def gaussianity(z, mu=None, seed: int = 0) -> dict[str, float]:
     """The whole battery, keyed by ``benchmark.metrics.keys``. ``prior_holes`` fits on a seeded random half of
     the codes and thresholds on the other half; ``active_units`` is omitted unless the posterior means ``mu``
-    are given (for sampled codes, Var(z) includes the posterior noise and counts nothing)."""
+    are given (for sampled codes, Var(z) includes the posterior noise and counts nothing).
+
+    Estimates that depend on the sample size come with it: ``codes_n`` (N: every estimate but prior_holes,
+    knn_kl included, uses all N codes), ``prior_holes_fit_n`` (N // 2, the codes the mixture is fitted on;
+    it is thresholded on the other N - N // 2), and the plug-in estimates' values for exact N(0, I) codes
+    of the same N and D, ``gauss_kl_null`` and ``total_correlation_null``: the estimate's floor, which a
+    value near it cannot be told from."""
     z = _as_float64(z)
-    n = z.shape[0]
+    n, d = z.shape
     perm = torch.from_numpy(np.random.default_rng(seed).permutation(n))
     m = mardia(z)
     hz, hz_p = henze_zirkler(z)
     out = {
         keys.GAUSS_KL: gauss_kl(z),
+        keys.GAUSS_KL_NULL: gauss_kl_null(n, d),
         keys.GAUSS_MMD: gauss_mmd(z),
         keys.GAUSS_SWD: gauss_swd(z, seed=seed),
         keys.MARDIA_SKEW: m.skew,
@@ -296,6 +354,9 @@ def gaussianity(z, mu=None, seed: int = 0) -> dict[str, float]:
         keys.PRIOR_HOLES: prior_holes(z[perm[: n // 2]], z[perm[n // 2 :]], seed=seed),
         keys.KNN_KL: knn_kl(z, seed=seed),
         keys.TOTAL_CORRELATION: total_correlation(z),
+        keys.TOTAL_CORRELATION_NULL: total_correlation_null(n, d),
+        keys.CODES_N: float(n),
+        keys.PRIOR_HOLES_FIT_N: float(n // 2),
     }
     if mu is not None:
         out[keys.ACTIVE_UNITS] = active_units(mu)

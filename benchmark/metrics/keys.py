@@ -31,12 +31,18 @@ PRIOR_HOLES = "prior_holes"
 KNN_KL = "knn_kl"
 ACTIVE_UNITS = "active_units"
 TOTAL_CORRELATION = "total_correlation"
+# Sample size of the battery and the plug-in estimates' expectation on exact N(0, I) codes of that size.
+GAUSS_KL_NULL = "gauss_kl_null"
+TOTAL_CORRELATION_NULL = "total_correlation_null"
+CODES_N = "codes_n"                        # codes the battery ran on (a seeded subset of at most max_codes)
+PRIOR_HOLES_FIT_N = "prior_holes_fit_n"    # codes prior_holes fits its mixture on (codes_n // 2)
 
 HIGHER_IS_BETTER = {
     ELBO: True, DISTORTION: False, RATE: None, ELBO_BPD: False, ELBO_EXPOST: True, NLL_IW: False,
     FID_PRIOR: False, FID_GMM: False, FID_RECON: False,
-    GAUSS_KL: False, GAUSS_MMD: False, GAUSS_SWD: False, MARDIA_SKEW: False, MARDIA_KURT: False,
+    GAUSS_KL: False, GAUSS_KL_NULL: None, GAUSS_MMD: False, GAUSS_SWD: False, MARDIA_SKEW: False, MARDIA_KURT: False,
     MARDIA_SKEW_P: None, MARDIA_KURT_P: None, HZ_STAT: False, HZ_P: None, KS_FRAC: True,
     PRIOR_HOLES: False, KNN_KL: False, ACTIVE_UNITS: True, TOTAL_CORRELATION: False,
+    TOTAL_CORRELATION_NULL: None, CODES_N: None, PRIOR_HOLES_FIT_N: None,
 }
 """True: higher is better; False: lower is better; None: reported, not ranked."""
