@@ -297,3 +297,35 @@ def test_the_cli_links_the_data_levels_into_the_model(configs_dir):
     built = build_cli([a for f in files for a in ("--config", str(f))], run=False, save_config_callback=None)
     assert built.model.hparams.levels == 17 == built.model.likelihood.levels
     assert built.model.hparams.likelihood == "discretized_gaussian"
+
+
+@pytest.mark.parametrize("likelihood, dequantize, kind", [
+    ("discretized_gaussian", False, DISCRETE), ("gaussian", True, DEQUANTIZED), ("gaussian", False, DENSITY_ON_GRID),
+])
+def test_the_evaluation_reports_bits_per_dim_by_the_likelihood_kind(likelihood, dequantize, kind, tmp_path):
+    import lightning as L
+
+    from benchmark.evaluation import EvaluationConfig, evaluate
+    from benchmark.variants import VAE
+
+    L.seed_everything(0)
+    data = LatentDataModule("digits", dequantize=dequantize, eval_batch_size=100, on_device=False)
+    model = VAE(data_shape=data.shape, latent_dim=2, hidden=(16,), likelihood=likelihood, sigma=0.2,
+                levels=data.levels)
+    cfg = EvaluationConfig(iw_samples=4, fid_samples=0, max_codes=100, expost_epochs=0, gmm_components=0,
+                           cache_dir=str(tmp_path))
+    data.setup("fit")
+
+    def make_trainer(**kw):
+        return L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False, **kw)
+
+    out = evaluate(model, data, cfg, make_trainer)
+    metrics = out["metrics"]
+    assert out["protocol"]["likelihood_kind"] == kind and out["protocol"]["levels"] == 17
+    if kind == DENSITY_ON_GRID:
+        assert not any(k.endswith(keys.BPD_SUFFIX) for k in metrics)
+        return
+    shift = math.log2(17) if kind == DEQUANTIZED else 0.0
+    assert metrics[keys.ELBO_BPD] == pytest.approx(-metrics[keys.ELBO] / (64 * math.log(2)) + shift)
+    assert metrics[keys.NLL_IW_BPD] == pytest.approx(metrics[keys.NLL_IW] / (64 * math.log(2)) + shift)
+    assert metrics[keys.NLL_IW_BPD] <= metrics[keys.ELBO_BPD] + 1e-6  # IWAE at K=4 is the tighter bound
