@@ -3,6 +3,12 @@
 Every split is held as one tensor in memory (on the training device where possible), so a batch is one
 indexing operation. Dynamic binarisation (Burda et al. 2016, Section 5) resamples a training image every
 time it is drawn; validation and test images are binarised once, with a fixed seed.
+
+Every dataset states its number of intensity levels L (256 for 8-bit sources, 17 for ``digits``), and its
+images are stored on one grid: x = k / (L - 1), k = 0 .. L - 1, in [0, 1]. Uniform dequantisation (Theis et
+al. 2016; Ho et al. 2019, Section 3.1) serves x = (k + u) / L, u ~ U[0, 1)^D instead, resampled each draw for
+training and drawn once, seeded, for validation and test; a density p on [0, 1]^D then bounds the discrete
+likelihood, log P(k) >= E_u[log p((k + u) / L)] - D log L.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from torch import Tensor
 from torch.utils.data import DistributedSampler, RandomSampler, Sampler, SequentialSampler
 
 from benchmark.errors import UsageError
+from benchmark.likelihoods import on_grid
 
 Arrays = tuple[Tensor, Tensor, Tensor, Tensor]  # train images, train labels, test images, test labels
 
@@ -34,16 +41,19 @@ class DatasetSpec:
     shape: tuple[int, int, int]  # (C, H, W)
     load: Callable[[Path, Optional[Path]], Arrays]
     val_size: int
+    levels: int  # intensity levels of the source; its images are k / (levels - 1)
 
 
 DATASETS: dict[str, DatasetSpec] = {}
 
 
-def register_dataset(name: str, shape: tuple[int, int, int], val_size: int):
+def register_dataset(name: str, shape: tuple[int, int, int], val_size: int, levels: int = 256):
     def wrap(load):
         if name in DATASETS:
             raise KeyError(f"dataset {name!r} is already registered")
-        DATASETS[name] = DatasetSpec(shape, load, val_size)
+        if levels < 2:
+            raise ValueError(f"dataset {name!r} needs at least 2 intensity levels, got {levels}")
+        DATASETS[name] = DatasetSpec(shape, load, val_size, levels)
         return load
     return wrap
 
@@ -63,7 +73,13 @@ def _as_images(x, shape) -> Tensor:
     return x.reshape(-1, *shape)
 
 
-@register_dataset("digits", shape=(1, 8, 8), val_size=200)
+def _pickle_images(x, shape) -> Tensor:
+    """The classic pickle's pixels are k / 256 (k = 0 .. 255, so white is 0.996): -> k / 255, the grid every
+    8-bit source is on."""
+    return (_as_images(x, shape) * 256).round() / 255
+
+
+@register_dataset("digits", shape=(1, 8, 8), val_size=200, levels=17)
 def load_digits(root: Path, path: Optional[Path]) -> Arrays:
     """scikit-learn's bundled 8x8 digits (1,797 images, values 0..16): embedded, needs no download.
     The last 300 images of a seeded permutation form the test split."""
@@ -91,9 +107,9 @@ def load_mnist(root: Path, path: Optional[Path]) -> Arrays:
         except (OSError, EOFError, pickle.UnpicklingError, ValueError) as e:
             raise UsageError(f"cannot read {path} as mnist.pkl.gz ({e}); re-download it") from e
         shape = (1, 28, 28)
-        x = torch.cat([_as_images(xtr, shape), _as_images(xva, shape)])
+        x = torch.cat([_pickle_images(xtr, shape), _pickle_images(xva, shape)])
         y = torch.cat([torch.as_tensor(ytr), torch.as_tensor(yva)]).long()
-        return x, y, _as_images(xte, shape), torch.as_tensor(yte).long()
+        return x, y, _pickle_images(xte, shape), torch.as_tensor(yte).long()
     return _torchvision("MNIST", path or root, (1, 28, 28))
 
 
@@ -153,19 +169,33 @@ def _torchvision(name: str, root: Path, shape) -> Arrays:
     return tuple(out)
 
 
+def dequantize(x: Tensor, levels: int, generator: torch.Generator | None = None) -> Tensor:
+    """Grid images k / (levels - 1) -> (k + u) / levels, u ~ U[0, 1) per pixel (Theis et al. 2016;
+    Ho et al. 2019, Section 3.1)."""
+    k = (x * (levels - 1)).round()
+    u = torch.rand(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+    return (k + u) / levels
+
+
 class TensorImages:
     """Images and labels held as tensors; ``batch`` serves a whole batch with one indexing op. A batch is
-    (x, y, index): the index lets sample-based metrics order codes the same way under DDP."""
+    (x, y, index): the index lets sample-based metrics order codes the same way under DDP. Dynamic
+    binarisation, or dequantisation onto ``dequantize_levels``, redraws the batch's pixels at every draw."""
 
-    def __init__(self, x: Tensor, y: Tensor, dynamic_binarization: bool = False):
-        self.x, self.y, self.dynamic = x, y, dynamic_binarization
+    def __init__(self, x: Tensor, y: Tensor, dynamic_binarization: bool = False,
+                 dequantize_levels: int | None = None):
+        self.x, self.y, self.dynamic, self.dequantize_levels = x, y, dynamic_binarization, dequantize_levels
 
     def __len__(self):
         return len(self.x)
 
     def batch(self, idx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         x = self.x[idx]
-        return (torch.bernoulli(x) if self.dynamic else x), self.y[idx], idx
+        if self.dynamic:
+            x = torch.bernoulli(x)
+        elif self.dequantize_levels is not None:
+            x = dequantize(x, self.dequantize_levels)
+        return x, self.y[idx], idx
 
 
 class TensorBatches:
@@ -220,6 +250,9 @@ class LatentDataModule(L.LightningDataModule):
         path: a local file or folder with the data (e.g. ``mnist.pkl.gz``), checked against its checksum.
         binarize: ``none`` (continuous pixels), ``dynamic`` (training images resampled at every draw;
             val/test binarised once) or ``static`` (every split binarised once).
+        dequantize: serve (k + u) / levels, u ~ U[0, 1)^D, instead of the grid values k / (levels - 1):
+            redrawn every time for training images, drawn once (seeded) for val/test. For a density
+            likelihood (``gaussian``), whose value then bounds the probability of the discrete data.
         batch_size: training batch size; evaluation uses ``eval_batch_size``.
         seed: seeds the train/val split and the fixed binarisations.
         pad: zero pixels added on every side (2 makes MNIST 32x32, as the RAE protocol has it).
@@ -227,13 +260,16 @@ class LatentDataModule(L.LightningDataModule):
     """
 
     def __init__(self, dataset: str = "digits", root: str = "data", path: Optional[str] = None,
-                 binarize: Binarize = "none", batch_size: int = 128, eval_batch_size: int = 1000,
-                 seed: int = 0, pad: int = 0, on_device: bool = True):
+                 binarize: Binarize = "none", dequantize: bool = False, batch_size: int = 128,
+                 eval_batch_size: int = 1000, seed: int = 0, pad: int = 0, on_device: bool = True):
         super().__init__()
         if dataset not in DATASETS:
             raise UsageError(f"unknown dataset {dataset!r}; choose one of {sorted(DATASETS)}")
         if binarize not in ("none", "dynamic", "static"):
             raise UsageError(f"unknown binarize {binarize!r}; choose none, dynamic or static")
+        if dequantize and binarize != "none":
+            raise UsageError("data.dequantize applies to grey images but data.binarize is set; "
+                             "set data.binarize none or data.dequantize false")
         for key, size in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
             if size < 1:
                 raise UsageError(f"data.{key} must be a positive integer, got {size}")
@@ -256,6 +292,12 @@ class LatentDataModule(L.LightningDataModule):
     def binary(self) -> bool:
         return self.hparams.binarize != "none"
 
+    @property
+    def levels(self) -> int:
+        """The number of values a pixel takes: the source's levels, 2 once binarised. Dequantised images
+        are continuous, but their likelihood is still that of this many levels."""
+        return 2 if self.binary else self.spec.levels
+
     def prepare_data(self):
         path = self.hparams.path
         if self.hparams.dataset != "digits" and not (path and Path(path).is_file()):
@@ -269,6 +311,11 @@ class LatentDataModule(L.LightningDataModule):
         if self.splits:
             return
         xtr, ytr, xte, yte = self._load()
+        for split, images in (("train", xtr), ("test", xte)):
+            if not on_grid(images[:10_000], self.spec.levels):  # a wrongly declared grid shows in any 10k
+                raise UsageError(f"the {self.hparams.dataset} {split} images are not on the grid k/"
+                                 f"{self.spec.levels - 1} of its {self.spec.levels} levels; register the dataset "
+                                 "with its true levels, or store its pixels as k / (levels - 1)")
         if self.hparams.pad:
             xtr, xte = (F.pad(x, [self.hparams.pad] * 4) for x in (xtr, xte))
         g = torch.Generator().manual_seed(self.hparams.seed)
@@ -281,10 +328,14 @@ class LatentDataModule(L.LightningDataModule):
         for name in x:
             if mode == "static" or (mode == "dynamic" and name != "train"):
                 x[name] = torch.bernoulli(x[name], generator=g)
+            elif self.hparams.dequantize and name != "train":
+                x[name] = dequantize(x[name], self.spec.levels, generator=g)
         device = self._device()
         for name in x:
-            dynamic = mode == "dynamic" and name == "train"
-            self.splits[name] = TensorImages(x[name].to(device), y[name].to(device), dynamic)
+            train = name == "train"
+            levels = self.spec.levels if self.hparams.dequantize and train else None
+            self.splits[name] = TensorImages(x[name].to(device), y[name].to(device), mode == "dynamic" and train,
+                                             levels)
 
     def _device(self) -> torch.device:
         if self.hparams.on_device and self.trainer is not None:

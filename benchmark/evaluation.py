@@ -8,6 +8,7 @@ of which each rank decodes its slice, so a 2-process evaluation equals a 1-proce
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict
 
@@ -24,7 +25,8 @@ from benchmark.metrics import keys
 from benchmark.metrics.fid import (FEATURE_EXTRACTORS, FrechetDistanceToReference, build_feature_extractor,
                                    reference_statistics)
 from benchmark.metrics.gaussianity import LatentGaussianity
-from benchmark.metrics.likelihood import LikelihoodBounds, elbo_terms, index_noise, iw_log_likelihood
+from benchmark.metrics.likelihood import (DISCRETE, LikelihoodBounds, bpd_metrics, elbo_terms, index_noise,
+                                          iw_log_likelihood, likelihood_kind)
 from benchmark.module import LatentVariableModel
 from benchmark.nets import mlp
 from benchmark.spec import EvaluationConfig
@@ -93,9 +95,12 @@ class Evaluation(L.LightningModule):
     """Runs every metric over the test split (``test_step``) and the prior/GMM samples (at epoch end)."""
 
     def __init__(self, model: LatentVariableModel, cfg: EvaluationConfig, expost: ExPostPosterior | None = None,
-                 extractor=None, reference=None, gmm=None):
+                 extractor=None, reference=None, gmm=None, likelihood_kind: str = DISCRETE,
+                 levels: int | None = None):
         super().__init__()
         self.model, self.cfg, self.expost, self.gmm = model, cfg, expost, gmm
+        # what the likelihood values are of, and on how many levels: they set the bits/dim
+        self.likelihood_kind, self.levels = likelihood_kind, levels or model.hparams.levels
         self.extractor, self.reference = extractor, reference
         self.results: dict[str, float] = {}
 
@@ -150,6 +155,8 @@ class Evaluation(L.LightningModule):
             results.pop(keys.NLL_IW)
         if self.expost is not None:
             results[keys.ELBO_EXPOST] = results[keys.ELBO]
+        dims = math.prod(self.model.hparams.data_shape)
+        results.update(bpd_metrics(results, dims, self.levels, self.likelihood_kind))
         results.update(self.codes.compute())
         results.update({k: float(m.compute()) for k, m in self.fid.items()})
         self.results = results
@@ -210,7 +217,9 @@ def evaluate(model: LatentVariableModel, datamodule, cfg: EvaluationConfig, make
             gmm = fit_gmm(codes, cfg.gmm_components, cfg.seed)
             lap("gmm_fit_s")
 
-    evaluation = Evaluation(model, cfg, expost, extractor, reference, gmm)
+    kind = likelihood_kind(model.likelihood.discrete, datamodule.hparams.dequantize)
+    evaluation = Evaluation(model, cfg, expost, extractor, reference, gmm, likelihood_kind=kind,
+                            levels=datamodule.levels)
     trainer = make_trainer(limit_test_batches=1.0)
     trainer.test(evaluation, datamodule=datamodule, verbose=False)
     lap("test_pass_s")
@@ -218,5 +227,6 @@ def evaluate(model: LatentVariableModel, datamodule, cfg: EvaluationConfig, make
                                      if k.startswith("test/")}
     protocol = {**asdict(cfg), "fid_reference": "test", "fid_image": "decoder mean",
                 "elbo_posterior": "ex-post Gaussian" if expost is not None else "encoder",
+                "likelihood_kind": kind, "levels": datamodule.levels, "dequantize": datamodule.hparams.dequantize,
                 "fid_extractor_meta": getattr(extractor, "meta", None) if extractor is not None else None}
     return {"metrics": results, "protocol": protocol, "timings": timings}

@@ -22,6 +22,7 @@ class LatentBenchCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser):
         parser.link_arguments("data.shape", "model.init_args.data_shape", apply_on="instantiate")
+        parser.link_arguments("data.levels", "model.init_args.levels", apply_on="instantiate")
 
     def instantiate_classes(self):
         super().instantiate_classes()
@@ -30,9 +31,17 @@ class LatentBenchCLI(LightningCLI):
 
 def check_compatible(model: LatentVariableModel, data: LatentDataModule):
     """Fail before training when the likelihood cannot model the data."""
-    if model.hparams.likelihood == "bernoulli" and not data.binary:
+    name, discrete = model.hparams.likelihood, model.likelihood.discrete
+    if name == "bernoulli" and not data.binary:
         raise UsageError("the Bernoulli likelihood needs binary data but data.binarize is none; "
-                         "set data.binarize to dynamic or static, or use model.init_args.likelihood gaussian")
+                         "set data.binarize to dynamic or static, or use model.init_args.likelihood "
+                         "discretized_gaussian")
+    if discrete and data.hparams.dequantize:
+        raise UsageError(f"the {name} likelihood is a probability of grid pixels but data.dequantize is true; "
+                         "set data.dequantize false, or use model.init_args.likelihood gaussian")
+    if discrete and name != "bernoulli" and model.hparams.levels != data.levels:
+        raise UsageError(f"the {name} likelihood has {model.hparams.levels} levels but the data has "
+                         f"{data.levels}; drop model.init_args.levels (it is linked from the data)")
 
 
 def build_cli(args, run: bool = True, **kwargs) -> LatentBenchCLI:

@@ -54,8 +54,11 @@ class LatentVariableModel(L.LightningModule):
         latent_dim: D, the size of z.
         network: ``mlp`` or ``conv`` (same network for encoder and decoder, mirrored).
         hidden: hidden sizes (MLP widths, or conv channels, e.g. 128-256-512-1024).
-        likelihood: ``bernoulli`` (binary data) or ``gaussian`` (continuous data).
-        sigma, learn_sigma: the Gaussian likelihood's scalar standard deviation, fixed or learned.
+        likelihood: a ``benchmark.likelihoods.LIKELIHOODS`` key: ``bernoulli`` (binary data),
+            ``discretized_gaussian`` / ``discretized_logistic`` (a probability of each of the data's ``levels``
+            pixel values), ``gaussian`` (a density: a likelihood of the discrete data once it is dequantised).
+        sigma, learn_sigma: the likelihood's scalar scale, fixed or learned (Gaussian and discretised heads).
+        levels: pixel values of the data; the CLI links it from the DataModule.
         weight: the regulariser's weight in the objective (beta for the VAE, lambda for the WAE, ...).
         lr: Adam's learning rate.
         compile: ``torch.compile`` the encoder and decoder (in place, so checkpoints load either way). For
@@ -64,7 +67,8 @@ class LatentVariableModel(L.LightningModule):
 
     def __init__(self, data_shape: Sequence[int] = (1, 28, 28), latent_dim: int = 16, network: str = "mlp",
                  hidden: Sequence[int] = (500, 500), likelihood: str = "bernoulli", sigma: float = 1.0,
-                 learn_sigma: bool = False, weight: float = 1.0, lr: float = 1e-3, compile: bool = False):
+                 learn_sigma: bool = False, levels: int = 256, weight: float = 1.0, lr: float = 1e-3,
+                 compile: bool = False):
         super().__init__()
         if latent_dim < 1:
             raise UsageError(f"latent_dim must be a positive integer, got {latent_dim}")
@@ -81,7 +85,7 @@ class LatentVariableModel(L.LightningModule):
         if compile:
             self.encoder.compile()
             self.decoder.compile()
-        self.likelihood = make_likelihood(likelihood, sigma, learn_sigma)
+        self.likelihood = make_likelihood(likelihood, sigma, learn_sigma, levels)
         # Epoch means of the objective's terms, kept on the device and reduced over processes by torchmetrics,
         # logged once an epoch: a per-step ``self.log`` costs milliseconds of Python, 10-15% of a CPU step.
         self.terms = nn.ModuleDict({f"{stage}_terms": TermMeans(len(TERMS)) for stage in ("train", "val", "test")})
@@ -140,6 +144,13 @@ class LatentVariableModel(L.LightningModule):
         means = terms.compute()  # (T,)
         terms.reset()
         self.log_dict({f"{stage}/{term}": mean for term, mean in zip(TERMS, means)}, prog_bar=stage != "train")
+
+    def on_fit_start(self):
+        data = getattr(self.trainer, "datamodule", None)
+        # the validation split is prepared as training's draws are (binarised, dequantised) but fixed: no
+        # random draw here, which would shift the generator a resumed run restores
+        if data is not None and "val" in getattr(data, "splits", {}):
+            self.likelihood.check(data.splits["val"].x[:256])
 
     def training_step(self, batch, batch_idx):
         return self._common_step(batch, "train")

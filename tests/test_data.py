@@ -198,17 +198,20 @@ def test_dynamic_binarisation_resamples_training_images_and_fixes_evaluation_ima
 
 # --- real MNIST from ../shared ------------------------------------------------------------------------------
 
-def test_real_mnist_pickle_loads_with_the_standard_splits(mnist_pkl):
+def test_real_mnist_pickle_loads_with_the_standard_splits_on_the_8_bit_grid(mnist_pkl):
     dm = LatentDataModule("mnist", path=str(mnist_pkl), on_device=False)
     dm.setup()
+    assert dm.levels == 256
     assert {n: len(s) for n, s in dm.splits.items()} == {"train": 50_000, "val": 10_000, "test": 10_000}
     for split in dm.splits.values():
         assert split.x.shape[1:] == (1, 28, 28)
-        assert split.x.min() >= 0 and split.x.max() <= 1 and split.x.max() > 0.99
+        assert split.x.min() == 0 and split.x.max() == 1  # k/255: white is exactly 1
         assert set(split.y.unique().tolist()) == set(range(10))
     with gzip.open(mnist_pkl) as f:
         _, _, (x_test, y_test) = pickle.load(f, encoding="latin1")
-    assert torch.equal(dm.splits["test"].x.reshape(-1, 784), torch.as_tensor(x_test))
+    k_pickle = torch.as_tensor(x_test) * 256  # the pickle stores k/256, k = 0 .. 255
+    assert torch.equal(k_pickle, k_pickle.round()) and k_pickle.max() == 255
+    assert torch.equal((dm.splits["test"].x.reshape(-1, 784) * 255).round(), k_pickle)
     assert torch.equal(dm.splits["test"].y, torch.as_tensor(y_test).long())
 
 

@@ -7,9 +7,18 @@ Each key maps to the direction in which the metric improves, so that ranking nev
 ELBO = "elbo"
 DISTORTION = "distortion"          # -E_q[log p(x|z)]
 RATE = "rate"                      # KL(q(z|x) || p(z))
-ELBO_BPD = "elbo_bpd"              # -elbo in bits per dimension
 ELBO_EXPOST = "elbo_expost"        # ELBO of a fitted ex-post Gaussian posterior (deterministic encoders)
 NLL_IW = "nll_iw"                  # -log p(x) by importance sampling (IWAE bound L_K)
+
+# Bits per dimension of the discrete data, -log2 P(x_discrete) / D (or its bound), of a likelihood key:
+# ``<key>_bpd``. Only for a probability of the discrete data: a discrete likelihood, or a density on
+# dequantised data (+ log2 levels); a density on the raw grid values gets none.
+BPD_SUFFIX = "_bpd"
+BPD_SOURCES = (ELBO, ELBO_EXPOST, "elbo_posthoc", NLL_IW)  # the ones that are -log p (not log p): NLL_IW
+ELBO_BPD = ELBO + BPD_SUFFIX
+ELBO_EXPOST_BPD = ELBO_EXPOST + BPD_SUFFIX
+ELBO_POSTHOC_BPD = "elbo_posthoc" + BPD_SUFFIX
+NLL_IW_BPD = NLL_IW + BPD_SUFFIX
 
 # Samples (Frechet distances; the extractor is part of the key).
 FID_PRIOR = "fid_prior"
@@ -38,7 +47,8 @@ CODES_N = "codes_n"                        # codes the battery ran on (a seeded 
 PRIOR_HOLES_FIT_N = "prior_holes_fit_n"    # codes prior_holes fits its mixture on (codes_n // 2)
 
 HIGHER_IS_BETTER = {
-    ELBO: True, DISTORTION: False, RATE: None, ELBO_BPD: False, ELBO_EXPOST: True, NLL_IW: False,
+    ELBO: True, DISTORTION: False, RATE: None, ELBO_EXPOST: True, NLL_IW: False,
+    ELBO_BPD: False, ELBO_EXPOST_BPD: False, ELBO_POSTHOC_BPD: False, NLL_IW_BPD: False,
     FID_PRIOR: False, FID_GMM: False, FID_RECON: False,
     GAUSS_KL: False, GAUSS_KL_NULL: None, GAUSS_MMD: False, GAUSS_SWD: False, MARDIA_SKEW: False, MARDIA_KURT: False,
     MARDIA_SKEW_P: None, MARDIA_KURT_P: None, HZ_STAT: False, HZ_P: None, KS_FRAC: True,

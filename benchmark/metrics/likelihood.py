@@ -57,6 +57,43 @@ def iw_log_likelihood(x: Tensor, qz_x: Distribution, decode: Decode, pz: Distrib
     return torch.logsumexp(torch.cat(log_w), dim=0) - math.log(k)
 
 
+# What a likelihood value is a likelihood of, in the run protocol's ``likelihood_kind``.
+DISCRETE = "discrete"                # a probability of the grid values (Bernoulli, discretised heads)
+DEQUANTIZED = "dequantized"          # a density on (k + u) / levels: a lower bound on the discrete one
+DENSITY_ON_GRID = "density_on_grid"  # a density at the grid values themselves: no probability of anything
+LIKELIHOOD_KINDS = (DISCRETE, DEQUANTIZED, DENSITY_ON_GRID)
+
+
+def likelihood_kind(discrete: bool, dequantized: bool) -> str:
+    return DISCRETE if discrete else DEQUANTIZED if dequantized else DENSITY_ON_GRID
+
+
+def bits_per_dim(log_px, dims: int, levels: int | None = None):
+    """-log2 P(x_discrete) / D from a log-likelihood (or bound) ``log_px`` in nats per image.
+
+    For a discrete likelihood ``log_px`` is already log P(x_discrete) (``levels`` None). For a density p on
+    data dequantised to [0, 1]^D, x = (k + u) / levels, give ``levels``: P(k) = int over the bin of p, whose
+    volume is levels^-D, so log P(k) >= E_u[log p((k + u) / levels)] - D log levels (Theis et al. 2016;
+    Ho et al. 2019, Section 3.1), and bits/dim add log2 levels. A uniform model gives exactly log2 levels."""
+    nll = -log_px if levels is None else -log_px + dims * math.log(levels)
+    return nll / (dims * math.log(2))
+
+
+def bpd_metrics(results: dict[str, float], dims: int, levels: int, kind: str) -> dict[str, float]:
+    """``<key>_bpd`` of every likelihood key of ``results`` (``keys.BPD_SOURCES``); none for a density on the
+    raw grid values, whose value is no probability of the discrete data."""
+    if kind not in LIKELIHOOD_KINDS:
+        raise ValueError(f"unknown likelihood kind {kind!r}; one of {LIKELIHOOD_KINDS}")
+    if kind == DENSITY_ON_GRID:
+        return {}
+    out = {}
+    for key in keys.BPD_SOURCES:
+        if key in results:
+            log_px = -results[key] if key == keys.NLL_IW else results[key]
+            out[key + keys.BPD_SUFFIX] = float(bits_per_dim(log_px, dims, levels if kind == DEQUANTIZED else None))
+    return out
+
+
 class LikelihoodBounds(Metric):
     """Means over a split of the ELBO, its two terms and the IWAE estimate of -log p(x).
 
