@@ -216,3 +216,36 @@ def test_isotropic_normal_equals_independent_normal_in_value_gradient_and_moment
     torch.testing.assert_close(ours.variance, ref.variance)
     draws = IsotropicNormal(torch.zeros(1, 8, 8), torch.tensor(math.log(2.0))).rsample((20_000,))
     assert draws.shape == (20_000, 1, 8, 8) and abs(draws.std().item() - 2.0) < 0.02
+
+
+@pytest.mark.parametrize("name, stochastic", [("ae", False), ("vae", True), ("vae_fullcov", True)])
+def test_every_variant_gets_the_posthoc_elbo_and_only_stochastic_encoders_their_own(name, stochastic, one_thread):
+    import lightning as L
+
+    from benchmark.data import LatentDataModule
+    from benchmark.evaluation import evaluate
+    from benchmark.spec import EvaluationConfig
+
+    L.seed_everything(0)
+    data = LatentDataModule("digits", binarize="dynamic", batch_size=128, eval_batch_size=100)
+    model = VARIANTS[name](data_shape=data.shape, latent_dim=3, hidden=(32,))
+    cfg = EvaluationConfig(iw_samples=12, iw_ladder=[1, 10, 100], fid_samples=0, gmm_components=0,
+                           max_codes=50, expost_epochs=1)
+
+    def make_trainer(**kw):
+        return L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, **kw)
+
+    data.setup("fit")
+    out = evaluate(model, data, cfg, make_trainer)
+    metrics = out["metrics"]
+    posthoc = {"elbo_posthoc", "distortion_posthoc", "rate_posthoc", "nll_iw", "nll_iw_k1", "nll_iw_k10",
+               "nll_iw_k12"}
+    assert posthoc <= set(metrics) and all(math.isfinite(metrics[k]) for k in posthoc)
+    assert "nll_iw_k100" not in metrics  # above iw_samples: dropped
+    assert metrics["nll_iw"] == metrics["nll_iw_k12"]
+    assert {k for k in ("elbo", "distortion", "rate") if k in metrics} == ({"elbo", "distortion", "rate"}
+                                                                           if stochastic else set())
+    assert "elbo_expost" not in metrics
+    assert out["protocol"]["iw_ks"] == [1, 10, 12] and out["protocol"]["nll_iw_proposal"] == "posthoc"
+    assert out["timings"]["posthoc_fit_s"] > 0
