@@ -53,7 +53,7 @@ LOCK_FILE = ".records.lock"
 # the encoder's ELBO, or for deterministic encoders (ELBO -inf or missing) their ex-post ELBO.
 PRIMARY = ((K.FID_PRIOR,), (K.ELBO_POSTHOC, K.ELBO, K.ELBO_EXPOST), (K.NLL_IW,))
 HEADLINE = (K.FID_PRIOR, K.FID_GMM, K.FID_RECON, K.ELBO_POSTHOC, K.ELBO, K.ELBO_EXPOST, K.NLL_IW, K.ELBO_BPD,
-            K.DISTORTION, K.RATE)
+            K.DISTORTION_POSTHOC, K.RATE_POSTHOC, K.DISTORTION, K.RATE)
 GAUSSIANITY_PANEL = (K.GAUSS_KL, K.GAUSS_MMD, K.GAUSS_SWD, K.KNN_KL, K.PRIOR_HOLES, K.KS_FRAC)
 LOG_SCALE = {K.GAUSS_KL, K.GAUSS_MMD, K.GAUSS_SWD, K.KNN_KL}  # log axis when positive and over a decade
 MIXED = "<differs between seeds>"
