@@ -26,31 +26,44 @@ from benchmark.metrics.fid import (FEATURE_EXTRACTORS, FrechetDistanceToReferenc
                                    reference_statistics)
 from benchmark.metrics.gaussianity import LatentGaussianity
 from benchmark.metrics.likelihood import (DISCRETE, LikelihoodBounds, bpd_metrics, elbo_terms, index_noise,
-                                          iw_log_likelihood, likelihood_kind)
+                                          iw_ladder, iw_log_weights, likelihood_kind)
 from benchmark.module import LatentVariableModel
 from benchmark.nets import mlp
 from benchmark.spec import EvaluationConfig
 
 
-class ExPostPosterior(L.LightningModule):
-    """q(z|x) = N(f(x), diag s(f(x))^2) around a frozen deterministic encoder f.
+class PosthocPosterior(L.LightningModule):
+    """q(z|x) = N(m(x), diag s(x)^2), fitted after training with the model frozen: the same posterior family
+    for every decoder, so that their ELBOs and IWAE estimates compare decoders rather than encoders.
 
-    Only the small scale head s is trained, on the ELBO of the training split with the decoder frozen. The
-    ELBO of any q is a lower bound on log p(x) of the decoder with the prior N(0, I), so this gives the
-    deterministic variants a valid, comparable ELBO (and a proposal for importance sampling)."""
+    m(x) = mu_enc(x) + dmu(x) and s(x) = s_enc(x) exp(ds(x)), where mu_enc and s_enc are the mean and the
+    marginal standard deviation of the encoder's own posterior (read through ``torch.distributions``: a
+    ``Delta``'s code and 0, a full-covariance Gaussian's mean and marginals), and (dmu, ds) come from a small
+    network on x whose last layer starts at zero. At initialisation q is therefore the encoder's diagonal
+    posterior (the diagonal of its marginals for a full-covariance encoder); where the encoder has no scale
+    (a deterministic encoder), s_enc is a learned per-dimension start, softplus(-2) ~ 0.13.
 
-    def __init__(self, model: LatentVariableModel, hidden: int = 64, lr: float = 1e-3):
+    Only (dmu, ds) and that start are trained, on the ELBO of the training split (the amortised
+    variational posterior of Kingma & Welling 2014, Eq. 10, fitted to a fixed decoder; cf. the "optimal
+    encoder" of Cremer et al. 2018). Any q gives a lower bound on log p(x) of the decoder with the prior
+    N(0, I), so this is a valid ELBO for every variant and the common proposal for importance sampling."""
+
+    def __init__(self, model: LatentVariableModel, hidden: int = 256, lr: float = 1e-3):
         super().__init__()
         self.model = model.requires_grad_(False)
         d = model.hparams.latent_dim
-        self.scale = mlp([d, hidden, d])
-        nn.init.constant_(self.scale[-1].bias, -2.0)  # start narrow: softplus(-2) ~ 0.13
+        self.correction = nn.Sequential(nn.Flatten(), mlp([math.prod(model.hparams.data_shape), hidden, 2 * d]))
+        nn.init.zeros_(self.correction[-1][-1].weight)
+        nn.init.zeros_(self.correction[-1][-1].bias)
+        self.start_scale = nn.Parameter(torch.full((d,), -2.0))  # softplus(-2) ~ 0.13: start narrow
         self.lr = lr
 
     def forward(self, x: Tensor) -> Distribution:
-        code = self.model.posterior(x).mean  # (B, D)
-        scale = F.softplus(self.scale(code)) + 1e-4
-        return Independent(Normal(code, scale, validate_args=False), 1)
+        q_enc = self.model.posterior(x)
+        mu, s = q_enc.mean, q_enc.stddev  # (B, D), (B, D)
+        s = torch.where(s > 0, s, F.softplus(self.start_scale))
+        dmu, ds = self.correction(x).chunk(2, dim=-1)  # (B, D) each
+        return Independent(Normal(mu + dmu, s * ds.exp(), validate_args=False), 1)
 
     def on_train_epoch_start(self):
         self.model.eval()  # frozen: BatchNorm statistics must not move either
@@ -61,7 +74,8 @@ class ExPostPosterior(L.LightningModule):
         return (distortion + rate).mean()  # not logged: a per-step log costs more than this small step
 
     def configure_optimizers(self):
-        return torch.optim.Adam(self.scale.parameters(), lr=self.lr)
+        params = [*self.correction.parameters(), self.start_scale]
+        return torch.optim.Adam(params, lr=self.lr)
 
 
 def is_deterministic(model: LatentVariableModel, x: Tensor) -> bool:
@@ -92,13 +106,18 @@ def fit_gmm(codes: np.ndarray, n_components: int, seed: int):
 
 
 class Evaluation(L.LightningModule):
-    """Runs every metric over the test split (``test_step``) and the prior/GMM samples (at epoch end)."""
+    """Runs every metric over the test split (``test_step``) and the prior/GMM samples (at epoch end).
 
-    def __init__(self, model: LatentVariableModel, cfg: EvaluationConfig, expost: ExPostPosterior | None = None,
-                 extractor=None, reference=None, gmm=None, likelihood_kind: str = DISCRETE,
+    The likelihood keys and the posterior behind each: ``elbo``, ``distortion``, ``rate`` of the encoder's
+    own q(z|x) (``own_elbo``: stochastic encoders only); ``elbo_posthoc``, ``distortion_posthoc``,
+    ``rate_posthoc`` of the post-hoc one (every variant); ``nll_iw`` (the largest K) and ``nll_iw_k{K}``
+    (the ladder ``cfg.iw_ks``) by importance sampling with the post-hoc posterior as proposal."""
+
+    def __init__(self, model: LatentVariableModel, cfg: EvaluationConfig, posthoc: PosthocPosterior,
+                 own_elbo: bool = True, extractor=None, reference=None, gmm=None, likelihood_kind: str = DISCRETE,
                  levels: int | None = None):
         super().__init__()
-        self.model, self.cfg, self.expost, self.gmm = model, cfg, expost, gmm
+        self.model, self.cfg, self.posthoc, self.own_elbo, self.gmm = model, cfg, posthoc, own_elbo, gmm
         # what the likelihood values are of, and on how many levels: they set the bits/dim
         self.likelihood_kind, self.levels = likelihood_kind, levels or model.hparams.levels
         self.extractor, self.reference = extractor, reference
@@ -107,30 +126,30 @@ class Evaluation(L.LightningModule):
     def setup(self, stage: str):
         # The metrics are made here, in each process: tensors built before ``ddp_spawn`` reach the workers
         # in shared memory, and both ranks would then add into the same metric states.
-        self.bounds = LikelihoodBounds()
+        self.own = LikelihoodBounds() if self.own_elbo else None  # the encoder's own ELBO
+        self.bounds = LikelihoodBounds(self.cfg.iw_ks, suffix=keys.POSTHOC)
         self.codes = LatentGaussianity(self.cfg.max_codes, self.cfg.seed)
         self.fid = nn.ModuleDict()
         if self.extractor is not None and self.cfg.fid_samples > 0:
             names = [keys.FID_PRIOR, keys.FID_RECON] + ([keys.FID_GMM] if self.gmm is not None else [])
             self.fid.update({k: FrechetDistanceToReference(self.extractor, self.reference) for k in names})
 
-    def proposal(self, x: Tensor) -> Distribution:
-        """q(z|x) for the likelihood bounds: the encoder's own posterior, or the ex-post one."""
-        return self.expost(x) if self.expost is not None else self.model.posterior(x)
-
     def test_step(self, batch, batch_idx):
         x, _, index = batch
-        d, k, seed = self.model.hparams.latent_dim, self.cfg.iw_samples, self.cfg.seed
+        d, ks, seed = self.model.hparams.latent_dim, self.cfg.iw_ks, self.cfg.seed
         eps = index_noise(index, (d,), seed)  # (B, D): tied to each image, so DDP == one process
-        qz_x, pz = self.proposal(x), self.model.prior(x, x.shape[:1])
+        q_model, qz_x, pz = self.model.posterior(x), self.posthoc(x), self.model.prior(x, x.shape[:1])
+        if self.own is not None:
+            self.own.update(*elbo_terms(x, q_model, self.model.decode, pz, eps))
         distortion, rate = elbo_terms(x, qz_x, self.model.decode, pz, eps)
         log_px = None
-        if k > 0:
-            log_px = iw_log_likelihood(x, qz_x, self.model.decode, pz, k, eps=index_noise(index, (k, d), seed + 1))
+        if ks:  # one set of K_max weights gives every L_K of the ladder
+            k_max = ks[-1]
+            log_w = iw_log_weights(x, qz_x, self.model.decode, pz, k_max, eps=index_noise(index, (k_max, d), seed + 1))
+            log_px = iw_ladder(log_w, ks)  # (len(ks), B)
         self.bounds.update(distortion, rate, log_px)
 
-        q_model = self.model.posterior(x)  # the codes the model itself would decode
-        z = reparametrize(q_model, eps)
+        z = reparametrize(q_model, eps)  # the codes the model itself would decode
         self.codes.update(z, q_model.mean, index)  # a Delta's mean is its code
         if keys.FID_RECON in self.fid:
             self.fid[keys.FID_RECON].update(self.model.decode(q_model.mean).mean.clamp(0, 1))
@@ -151,10 +170,8 @@ class Evaluation(L.LightningModule):
             z = torch.as_tensor(self.gmm.sample(n)[0], dtype=torch.float32)
             self._decode_slice(z, self.fid[keys.FID_GMM])
         results = {k: float(v) for k, v in self.bounds.compute().items()}
-        if self.cfg.iw_samples <= 0:
-            results.pop(keys.NLL_IW)
-        if self.expost is not None:
-            results[keys.ELBO_EXPOST] = results[keys.ELBO]
+        if self.own is not None:
+            results.update({k: float(v) for k, v in self.own.compute().items()})
         dims = math.prod(self.model.hparams.data_shape)
         results.update(bpd_metrics(results, dims, self.levels, self.likelihood_kind))
         results.update(self.codes.compute())
@@ -177,7 +194,7 @@ def check_extractor(cfg: EvaluationConfig):
 
 
 def evaluate(model: LatentVariableModel, datamodule, cfg: EvaluationConfig, make_trainer) -> dict:
-    """Fit what the evaluation needs (ex-post posterior, GMM, FID extractor), then run it on the test split.
+    """Fit what the evaluation needs (post-hoc posterior, GMM, FID extractor), then run it on the test split.
 
     ``make_trainer(**overrides)`` builds a Trainer with the run's strategy and devices. Returns the metrics,
     a description of the protocol for the run record, and the seconds each phase took."""
@@ -192,14 +209,12 @@ def evaluate(model: LatentVariableModel, datamodule, cfg: EvaluationConfig, make
         now = time.perf_counter()
         timings[name], clock = now - clock, now
 
-    expost = None
-    if is_deterministic(model, x_train[:1].to(model.device)):
-        expost = ExPostPosterior(model)
-        # whole splits, whatever the run's limit_*_batches: the evaluation depends on the model alone
-        make_trainer(max_epochs=cfg.expost_epochs, limit_train_batches=1.0, limit_val_batches=0,
-                     num_sanity_val_steps=0).fit(expost, datamodule=datamodule)
-        expost.eval()
-        lap("expost_fit_s")
+    posthoc = PosthocPosterior(model)
+    # whole splits, whatever the run's limit_*_batches: the evaluation depends on the model alone
+    make_trainer(max_epochs=cfg.expost_epochs, limit_train_batches=1.0, limit_val_batches=0,
+                 num_sanity_val_steps=0).fit(posthoc, datamodule=datamodule)
+    posthoc.eval()
+    lap("posthoc_fit_s")
     model.eval()
 
     extractor = reference = gmm = None
@@ -217,8 +232,9 @@ def evaluate(model: LatentVariableModel, datamodule, cfg: EvaluationConfig, make
             gmm = fit_gmm(codes, cfg.gmm_components, cfg.seed)
             lap("gmm_fit_s")
 
+    own_elbo = not is_deterministic(model, x_train[:1].to(model.device))  # a Delta's ELBO is -inf
     kind = likelihood_kind(model.likelihood.discrete, datamodule.hparams.dequantize)
-    evaluation = Evaluation(model, cfg, expost, extractor, reference, gmm, likelihood_kind=kind,
+    evaluation = Evaluation(model, cfg, posthoc, own_elbo, extractor, reference, gmm, likelihood_kind=kind,
                             levels=datamodule.levels)
     trainer = make_trainer(limit_test_batches=1.0)
     trainer.test(evaluation, datamodule=datamodule, verbose=False)
@@ -226,7 +242,9 @@ def evaluate(model: LatentVariableModel, datamodule, cfg: EvaluationConfig, make
     results = evaluation.results or {k[len("test/"):]: float(v) for k, v in trainer.callback_metrics.items()
                                      if k.startswith("test/")}
     protocol = {**asdict(cfg), "fid_reference": "test", "fid_image": "decoder mean",
-                "elbo_posterior": "ex-post Gaussian" if expost is not None else "encoder",
+                "iw_ks": list(cfg.iw_ks), "elbo_posterior": "encoder",
+                "posthoc_posterior": "amortised diagonal Gaussian from x, initialised at the encoder",
+                "nll_iw_proposal": "posthoc",
                 "likelihood_kind": kind, "levels": datamodule.levels, "dequantize": datamodule.hparams.dequantize,
                 "fid_extractor_meta": getattr(extractor, "meta", None) if extractor is not None else None}
     return {"metrics": results, "protocol": protocol, "timings": timings}

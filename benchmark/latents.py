@@ -25,7 +25,7 @@ from torch.distributions.kl import _kl_multivariatenormal_multivariatenormal
 
 class Delta(Distribution):
     """Point mass at ``loc`` (B, D): the posterior of a deterministic encoder. Its KL to any density is +inf,
-    which is why such models need an ex-post posterior for their ELBO (see ``benchmark.evaluation``)."""
+    which is why such models need a post-hoc posterior for their ELBO (see ``benchmark.evaluation``)."""
 
     arg_constraints = {"loc": constraints.real_vector}
     support = constraints.real_vector
@@ -38,6 +38,10 @@ class Delta(Distribution):
     @property
     def mean(self):
         return self.loc
+
+    @property
+    def variance(self):
+        return torch.zeros_like(self.loc)  # so ``stddev`` is 0 through the ``Distribution`` interface
 
     def rsample(self, sample_shape=torch.Size()):
         return self.loc.expand(torch.Size(sample_shape) + self.loc.shape)

@@ -52,11 +52,11 @@ REQUIRED_FIELDS = ("study", "run", "status")
 LOCK_FILE = ".records.lock"
 
 # Ranking metric of a table: the first family any variant of the table reports. Within a family the first
-# key a variant has is used (an ELBO is -inf or missing for deterministic encoders; their ex-post ELBO is
-# the same bound for a fitted Gaussian posterior).
-PRIMARY = ((K.FID_PRIOR,), (K.ELBO, K.ELBO_EXPOST), (K.NLL_IW,))
-HEADLINE = (K.FID_PRIOR, K.FID_GMM, K.FID_RECON, K.ELBO, K.ELBO_EXPOST, K.NLL_IW, K.ELBO_BPD,
-            K.DISTORTION, K.RATE)
+# key a variant has is used: the post-hoc ELBO (one posterior family for every decoder); in older records,
+# the encoder's ELBO, or for deterministic encoders (ELBO -inf or missing) their ex-post ELBO.
+PRIMARY = ((K.FID_PRIOR,), (K.ELBO_POSTHOC, K.ELBO, K.ELBO_EXPOST), (K.NLL_IW,))
+HEADLINE = (K.FID_PRIOR, K.FID_GMM, K.FID_RECON, K.ELBO_POSTHOC, K.ELBO, K.ELBO_EXPOST, K.NLL_IW, K.ELBO_BPD,
+            K.DISTORTION_POSTHOC, K.RATE_POSTHOC, K.DISTORTION, K.RATE)
 GAUSSIANITY_PANEL = (K.GAUSS_KL, K.GAUSS_MMD, K.GAUSS_SWD, K.KNN_KL, K.PRIOR_HOLES, K.KS_FRAC)
 LOG_SCALE = {K.GAUSS_KL, K.GAUSS_MMD, K.GAUSS_SWD, K.KNN_KL}  # log axis when positive and over a decade
 MIXED = "<differs between seeds>"
@@ -623,15 +623,15 @@ def _errorbar(stat: Stat) -> float:
 
 
 def plot_fid_vs_elbo(groups: Sequence[Group], path: str | Path) -> Path | None:
-    """FID of prior samples against the ELBO (ex-post ELBO where the ELBO is missing), one panel per
-    (study, dataset), 95% CI bars. None if no group has both."""
+    """FID of prior samples against the post-hoc ELBO (in older records the ELBO, else the ex-post one), one
+    panel per (study, dataset), 95% CI bars. None if no group has both."""
     from matplotlib.figure import Figure
 
     panels = {}
     for (study, dataset), table in _tables(groups).items():
         pts = []
         for g in table:
-            elbo_key = next((k for k in (K.ELBO, K.ELBO_EXPOST) if k in g.stats), None)
+            elbo_key = next((k for k in (K.ELBO_POSTHOC, K.ELBO, K.ELBO_EXPOST) if k in g.stats), None)
             if K.FID_PRIOR in g.stats and elbo_key:
                 pts.append((g, elbo_key))
         if pts:
@@ -646,7 +646,7 @@ def plot_fid_vs_elbo(groups: Sequence[Group], path: str | Path) -> Path | None:
             ax.errorbar(x.mean, y.mean, xerr=_errorbar(x), yerr=_errorbar(y), fmt="o", capsize=3,
                         mfc="none" if hollow else None)
             ax.annotate(g.variant, (x.mean, y.mean), textcoords="offset points", xytext=(4, 4), fontsize=8)
-        ax.set(title=f"{study} / {dataset}", xlabel="ELBO (nats; hollow: ex-post ELBO) →",
+        ax.set(title=f"{study} / {dataset}", xlabel="ELBO (nats; post-hoc posterior; hollow: ex-post) →",
                ylabel="FID of prior samples ↓")
     return _save(fig, Path(path))
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from benchmark.errors import UsageError
+from benchmark.metrics.keys import IW_LADDER
 
 
 @dataclass
@@ -57,18 +58,23 @@ class EvaluationConfig:
     """What to measure after training and how much of it.
 
     Args:
-        iw_samples: K of the importance-weighted bound (0 skips ``nll_iw``).
+        iw_samples: K of the importance-weighted bound ``nll_iw``, the largest of the ladder (0 skips it).
+        iw_ladder: the smaller K also reported, as ``nll_iw_k{K}``, from the first K of the same samples;
+            values above ``iw_samples`` are dropped, ``iw_samples`` is always included (see ``iw_ks``).
         fid_samples: images decoded from the prior (and from the GMM) for FID; 0 skips FID.
         fid_extractor: ``domain`` (a small classifier trained on the dataset, for CPUs) or ``inception``.
         inception_weights: a local Inception file (a TorchScript ``.pt`` or torch-fidelity's ``.pth``).
         gmm_components: components of the full-covariance mixture fitted to training codes (RAE protocol).
         max_codes: codes kept for the Gaussianity battery (a seeded subset; see ``LatentGaussianity``).
-        expost_epochs: epochs fitting the ex-post posterior of deterministic encoders.
+        expost_epochs: epochs of the post-hoc fit: the amortised diagonal Gaussian posterior fitted on the
+            training split's ELBO for every decoder, with the model frozen (``PosthocPosterior``); it gives
+            ``elbo_posthoc`` and is the proposal of ``nll_iw``.
         seed: seeds every sample drawn by the evaluation.
         cache_dir: where extractors and reference statistics are cached.
     """
 
     iw_samples: int = 1000
+    iw_ladder: tuple[int, ...] = IW_LADDER
     fid_samples: int = 10_000
     fid_extractor: str = "domain"
     inception_weights: Optional[str] = None
@@ -87,9 +93,23 @@ class EvaluationConfig:
             if not isinstance(value, int) or isinstance(value, bool) or (least is not None and value < least):
                 kind = "an integer" if least is None else f"an integer of at least {least}"
                 raise UsageError(f"evaluation.{name} must be {kind}, got {value!r}")
+        ladder = self.iw_ladder
+        if (not isinstance(ladder, (list, tuple))
+                or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in ladder)):
+            raise UsageError(f"evaluation.iw_ladder must be a list of positive integers such as [1, 10, 100], "
+                             f"got {ladder!r}")
+        self.iw_ladder = tuple(ladder)  # a record's JSON gives a list
         if not isinstance(self.fid_extractor, str):
             raise UsageError(f"evaluation.fid_extractor must be a name such as domain or inception, "
                              f"got {self.fid_extractor!r}")
         if self.inception_weights is not None and not Path(self.inception_weights).is_file():
             raise UsageError(f"evaluation.inception_weights: {self.inception_weights} is not a file; fix the path, "
                              "or drop it to let torch-fidelity download the weights")
+
+    @property
+    def iw_ks(self) -> tuple[int, ...]:
+        """The K of the IWAE ladder, ascending: ``iw_ladder`` up to ``iw_samples``, and ``iw_samples``;
+        empty when ``iw_samples`` is 0."""
+        if self.iw_samples == 0:
+            return ()
+        return tuple(sorted({k for k in self.iw_ladder if k <= self.iw_samples} | {self.iw_samples}))

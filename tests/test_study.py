@@ -532,12 +532,24 @@ def test_an_unknown_trainer_dataset_or_variant_is_named_with_the_known_ones(tmp_
     ("fid_samples", "many", "evaluation.fid_samples must be an integer of at least 0, got 'many'"),
     ("max_codes", 1, "evaluation.max_codes must be an integer of at least 2, got 1"),
     ("expost_epochs", 2.5, "evaluation.expost_epochs must be an integer of at least 0, got 2.5"),
+    ("iw_ladder", [0, 10], "evaluation.iw_ladder must be a list of positive integers such as [1, 10, 100], "
+                           "got [0, 10]"),
+    ("iw_ladder", 100, "evaluation.iw_ladder must be a list of positive integers"),
     ("seed", True, "evaluation.seed must be an integer, got True"),
     ("inception_weights", "absent.pt", "evaluation.inception_weights: absent.pt is not a file")])
 def test_bad_evaluation_values_are_refused_when_the_study_is_expanded(tmp_path, field, value, message):
     study = study_mod.load_study(write_study(tmp_path, "bad_eval", ["vae"], [0]))
     with pytest.raises(study_mod.UsageError, match=re.escape(message)):
         study_mod.expand(study, str(tmp_path), evaluation={field: value})
+
+
+def test_the_iwae_ladder_keeps_the_k_up_to_iw_samples_and_always_iw_samples():
+    from benchmark.spec import EvaluationConfig
+
+    assert EvaluationConfig(iw_samples=1000).iw_ks == (1, 10, 100, 1000)
+    assert EvaluationConfig(iw_samples=50, iw_ladder=[100, 1, 10, 10]).iw_ks == (1, 10, 50)
+    assert EvaluationConfig(iw_samples=5000, iw_ladder=[]).iw_ks == (5000,)
+    assert EvaluationConfig(iw_samples=0).iw_ks == ()
 
 
 def test_an_unknown_fid_extractor_stops_a_run_before_it_trains(tmp_path):

@@ -7,17 +7,33 @@ Each key maps to the direction in which the metric improves, so that ranking nev
 ELBO = "elbo"
 DISTORTION = "distortion"          # -E_q[log p(x|z)]
 RATE = "rate"                      # KL(q(z|x) || p(z))
-ELBO_EXPOST = "elbo_expost"        # ELBO of a fitted ex-post Gaussian posterior (deterministic encoders)
-NLL_IW = "nll_iw"                  # -log p(x) by importance sampling (IWAE bound L_K)
+ELBO_EXPOST = "elbo_expost"        # old records only: the ex-post Gaussian of deterministic encoders
+NLL_IW = "nll_iw"                  # -log p(x) by importance sampling (IWAE bound L_K), the largest K
+
+# The encoder's own posterior gives ELBO, DISTORTION, RATE (stochastic encoders only); the post-hoc
+# posterior fitted alike for every decoder (``benchmark.evaluation.PosthocPosterior``) gives these, and is
+# the proposal of NLL_IW.
+POSTHOC = "_posthoc"
+ELBO_POSTHOC = ELBO + POSTHOC
+DISTORTION_POSTHOC = DISTORTION + POSTHOC
+RATE_POSTHOC = RATE + POSTHOC
+
+
+def nll_iw_k(k: int) -> str:
+    """The key of -L_K at one K of the ladder, e.g. ``nll_iw_k100``."""
+    return f"{NLL_IW}_k{k}"
+
+
+IW_LADDER = (1, 10, 100, 1000)  # the default ladder of K
 
 # Bits per dimension of the discrete data, -log2 P(x_discrete) / D (or its bound), of a likelihood key:
 # ``<key>_bpd``. Only for a probability of the discrete data: a discrete likelihood, or a density on
 # dequantised data (+ log2 levels); a density on the raw grid values gets none.
 BPD_SUFFIX = "_bpd"
-BPD_SOURCES = (ELBO, ELBO_EXPOST, "elbo_posthoc", NLL_IW)  # the ones that are -log p (not log p): NLL_IW
+BPD_SOURCES = (ELBO, ELBO_EXPOST, ELBO_POSTHOC, NLL_IW)  # the ones that are -log p (not log p): NLL_IW
 ELBO_BPD = ELBO + BPD_SUFFIX
 ELBO_EXPOST_BPD = ELBO_EXPOST + BPD_SUFFIX
-ELBO_POSTHOC_BPD = "elbo_posthoc" + BPD_SUFFIX
+ELBO_POSTHOC_BPD = ELBO_POSTHOC + BPD_SUFFIX
 NLL_IW_BPD = NLL_IW + BPD_SUFFIX
 
 # Samples (Frechet distances; the extractor is part of the key).
@@ -47,7 +63,9 @@ CODES_N = "codes_n"                        # codes the battery ran on (a seeded 
 PRIOR_HOLES_FIT_N = "prior_holes_fit_n"    # codes prior_holes fits its mixture on (codes_n // 2)
 
 HIGHER_IS_BETTER = {
+    ELBO_POSTHOC: True, DISTORTION_POSTHOC: False, RATE_POSTHOC: None,
     ELBO: True, DISTORTION: False, RATE: None, ELBO_EXPOST: True, NLL_IW: False,
+    **{nll_iw_k(k): False for k in IW_LADDER},
     ELBO_BPD: False, ELBO_EXPOST_BPD: False, ELBO_POSTHOC_BPD: False, NLL_IW_BPD: False,
     FID_PRIOR: False, FID_GMM: False, FID_RECON: False,
     GAUSS_KL: False, GAUSS_KL_NULL: None, GAUSS_MMD: False, GAUSS_SWD: False, MARDIA_SKEW: False, MARDIA_KURT: False,

@@ -6,7 +6,7 @@ All values are nats per image. ``decode`` maps codes z (..., D) to p(x|z) with b
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -38,12 +38,11 @@ def elbo_terms(x: Tensor, qz_x: Distribution, decode: Decode, pz: Distribution,
     return distortion, kl(qz_x, pz, z)
 
 
-def iw_log_likelihood(x: Tensor, qz_x: Distribution, decode: Decode, pz: Distribution, k: int,
-                      max_decoded: int | None = None, eps: Tensor | None = None) -> Tensor:
-    """log p(x) per image (B,) by the importance-weighted bound L_K (Burda et al. 2016, Eq. 8):
-    log 1/K sum_k p(x, z_k) / q(z_k|x), z_k ~ q(z|x), by logsumexp. The K samples are drawn in chunks so
-    that at most ``max_decoded`` images are decoded at once; every image of the batch is done together.
-    ``eps`` (K, B, D), when given, is the standard-normal noise of the K samples."""
+def iw_log_weights(x: Tensor, qz_x: Distribution, decode: Decode, pz: Distribution, k: int,
+                   max_decoded: int | None = None, eps: Tensor | None = None) -> Tensor:
+    """Log importance weights (K, B): log p(x, z_k) - log q(z_k|x), z_k ~ q(z|x). The K samples are drawn in
+    chunks so that at most ``max_decoded`` images are decoded at once; every image of the batch is done
+    together. ``eps`` (K, B, D), when given, is the standard-normal noise of the K samples."""
     if max_decoded is None:  # large launches for a GPU; on a CPU, chunks that stay in cache run twice as fast
         max_decoded = 1 << 16 if x.is_cuda else 1 << 10
     b = x.shape[0]
@@ -53,8 +52,25 @@ def iw_log_likelihood(x: Tensor, qz_x: Distribution, decode: Decode, pz: Distrib
         n = min(chunk, k - start)
         with torch.no_grad():
             z = qz_x.sample((n,)) if eps is None else reparametrize(qz_x, eps[start: start + n])  # (n, B, D)
-        log_w.append(decode(z).log_prob(x) + pz.log_prob(z) - qz_x.log_prob(z))  # (k_chunk, B)
-    return torch.logsumexp(torch.cat(log_w), dim=0) - math.log(k)
+        log_w.append(decode(z).log_prob(x) + pz.log_prob(z) - qz_x.log_prob(z))  # (n, B)
+    return torch.cat(log_w)  # (K, B)
+
+
+def iw_ladder(log_w: Tensor, ks: Sequence[int]) -> Tensor:
+    """L_K for each K of ``ks`` (len(ks), B) from the first K of the log-weights ``log_w`` (K_max, B):
+    log 1/K sum_{k<=K} w_k (Burda et al. 2016, Eq. 8), by one cumulative logsumexp. Nested prefixes of one
+    sample set: E[L_K] rises with K (Burda et al. 2016, Theorem 1), and the ladder costs the largest K alone."""
+    index = torch.as_tensor([k - 1 for k in ks], device=log_w.device)
+    log_k = torch.as_tensor([math.log(k) for k in ks], dtype=log_w.dtype, device=log_w.device)
+    return torch.logcumsumexp(log_w, dim=0)[index] - log_k[:, None]  # (len(ks), B)
+
+
+def iw_log_likelihood(x: Tensor, qz_x: Distribution, decode: Decode, pz: Distribution, k: int,
+                      max_decoded: int | None = None, eps: Tensor | None = None) -> Tensor:
+    """log p(x) per image (B,) by the importance-weighted bound L_K (Burda et al. 2016, Eq. 8):
+    log 1/K sum_k p(x, z_k) / q(z_k|x), z_k ~ q(z|x), by logsumexp (see ``iw_log_weights``)."""
+    log_w = iw_log_weights(x, qz_x, decode, pz, k, max_decoded, eps)  # (K, B)
+    return torch.logsumexp(log_w, dim=0) - math.log(k)
 
 
 # What a likelihood value is a likelihood of, in the run protocol's ``likelihood_kind``.
@@ -95,25 +111,34 @@ def bpd_metrics(results: dict[str, float], dims: int, levels: int, kind: str) ->
 
 
 class LikelihoodBounds(Metric):
-    """Means over a split of the ELBO, its two terms and the IWAE estimate of -log p(x).
+    """Means over a split of the ELBO and its two terms and, for each K of a ladder, of the IWAE estimate
+    -L_K of -log p(x). ``suffix`` names the posterior the ELBO is of (``keys.POSTHOC`` or the encoder's "").
 
     Sum-reducible: each rank adds its images' values, so a DDP run equals a single-process run."""
 
     full_state_update = False
 
-    def __init__(self, **kwargs):
+    def __init__(self, ks: Sequence[int] = (), suffix: str = "", **kwargs):
         super().__init__(**kwargs)
-        for name in ("distortion", "rate", "nll_iw", "n"):
+        self.ks, self.suffix = tuple(ks), suffix
+        for name in ("distortion", "rate", "n"):
             self.add_state(name, torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("nll_iw", torch.zeros(len(self.ks), dtype=torch.float64), dist_reduce_fx="sum")  # (len(ks),)
 
     def update(self, distortion: Tensor, rate: Tensor, log_px: Tensor | None = None):
+        """``log_px`` (len(ks), B): L_K of each image for each K of the ladder (``iw_ladder``)."""
         self.distortion += distortion.double().sum()
         self.rate += rate.double().sum()
         if log_px is not None:
-            self.nll_iw -= log_px.double().sum()
+            self.nll_iw -= log_px.double().sum(-1)
         self.n += distortion.numel()
 
     def compute(self) -> dict[str, Tensor]:
         distortion, rate = self.distortion / self.n, self.rate / self.n
-        return {keys.ELBO: -(distortion + rate), keys.DISTORTION: distortion, keys.RATE: rate,
-                keys.NLL_IW: self.nll_iw / self.n}
+        out = {keys.ELBO + self.suffix: -(distortion + rate), keys.DISTORTION + self.suffix: distortion,
+               keys.RATE + self.suffix: rate}
+        nll = self.nll_iw / self.n  # (len(ks),)
+        out.update({keys.nll_iw_k(k): v for k, v in zip(self.ks, nll)})
+        if self.ks:
+            out[keys.NLL_IW] = nll[self.ks.index(max(self.ks))]
+        return out
