@@ -13,10 +13,8 @@ import math
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributions import Bernoulli, Distribution, Independent, constraints
-from torch.special import log_ndtr
 
 from benchmark.errors import UsageError
 
@@ -137,6 +135,60 @@ class GaussianLikelihood(ScalarSigma):
 # e^-20 < sigma < e^20 keeps the standardised bin edges, their squares and the bin width finite in float32
 # (a bin is 1/255 wide: these are far beyond any scale a decoder learns)
 LOG_SCALE_RANGE = (-20.0, 20.0)
+# The open side of an edge bin, in pixel units: finite (an infinite edge makes 0 * inf = NaN), beyond any
+# location, and still finite in float32 once standardised by the largest 1/sigma (1e28 e^20 < 3e38).
+OPEN_EDGE = 1e28
+
+
+def _blend(a: Tensor, b: Tensor, mask: Tensor) -> Tensor:
+    """b where mask is 1, a where it is 0 (mask is 0/1 in a's dtype; both finite): one fused op, cheaper on a
+    CPU than ``torch.where`` and its boolean mask."""
+    return torch.lerp(a, b, mask)
+
+
+def _step(x: Tensor) -> Tensor:
+    """1 where x > 0, else 0, in x's dtype (consumes x)."""
+    return x.sign_().clamp_(min=0)
+
+
+def _sum_to(grad: Tensor, like: Tensor) -> Tensor:
+    return grad.sum_to_size(like.shape) if grad.shape != like.shape else grad
+
+
+class _DiscretizedLogProb(torch.autograd.Function):
+    """log P(bin) per pixel, and its derivatives in the same pass: autograd over the branch formulas would
+    store and replay every one of their temporaries (a dozen full-size tensors a pixel), the closed-form
+    derivatives are two. Inputs: the law (``Discretized._law``), the location (any shape), the log scale
+    (scalar or broadcast) and the bins as ``Discretized._edges`` gives them at the data's shape. Everything
+    here runs without autograd, so the forms are computed in place in a few reused buffers: a new full-size
+    temporary costs more on a CPU than the arithmetic that fills it."""
+
+    @staticmethod
+    def forward(ctx, law, loc, log_scale, e_lo, e_hi, interior, n):
+        grads = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+        with torch.no_grad():
+            inv_s = (-log_scale).exp()
+            shape = torch.broadcast_shapes(loc.shape, e_lo.shape, inv_s.shape)
+            # Reflect each bin into the half below the mean (both laws are symmetric): with d1 = lower edge -
+            # loc and d2 = loc - upper edge, its edges become lo = min(d1, d2) / s <= hi = -max(d1, d2) / s and
+            # their midpoint is <= 0. Two neighbours share the float of their common edge, so the bins still
+            # telescope to one however small the scale; an open edge always lands on lo, far below.
+            d1, d2 = (e_lo - loc).expand(shape).contiguous(), (loc - e_hi).expand(shape).contiguous()
+            flip = torch.sub(d1, d2).sign_() if grads else None  # -1: kept, +1: reflected (midpoint > 0)
+            nhi = torch.maximum(d1, d2)
+            lo = torch.minimum(d1, d2, out=d1)
+            log_p, g_shift, g_scale = law(lo, nhi, d2, inv_s, inv_s / n, interior, grads)
+        if grads:
+            # d/dloc = -(d/d alpha + d/d beta) / s, d/dlog s = -(alpha d/d alpha + beta d/d beta)
+            ctx.save_for_backward(loc, log_scale, g_shift.mul_(flip).mul_(inv_s), g_scale)
+        return log_p
+
+    @staticmethod
+    def backward(ctx, grad):
+        loc, log_scale, d_loc, d_scale = ctx.saved_tensors
+        g_loc = _sum_to(grad * d_loc, loc) if ctx.needs_input_grad[1] else None
+        g_ls = _sum_to((grad * d_scale).neg_(), log_scale) if ctx.needs_input_grad[2] else None
+        return None, g_loc, g_ls, None, None, None, None
 
 
 class Discretized(Distribution):
@@ -144,9 +196,9 @@ class Discretized(Distribution):
 
     Pixel value x_k = k / (levels - 1) owns the bin [x_k - h, x_k + h], h = 1 / (2 (levels - 1)); the first
     and last bins extend to -inf and +inf, so the ``levels`` probabilities sum to one (PixelCNN++, Eq. 2).
-    ``log_scale`` is a scalar or per pixel (broadcast to ``loc``). Subclasses give the log-probability of a
-    bin from its standardised edges (alpha, beta), computed in log space so that tiny scales and far tails
-    stay finite. ``log_prob`` sums over the image (the last three dimensions)."""
+    ``log_scale`` is a scalar or per pixel (broadcast to ``loc``). Subclasses give log P(bin) and its
+    derivatives from the bin reflected below the mean (``_law``), in log space so that tiny scales and far
+    tails stay finite. ``log_prob`` sums over the image (the last three dimensions)."""
 
     arg_constraints = {"loc": constraints.real}
     has_rsample = False
@@ -168,24 +220,35 @@ class Discretized(Distribution):
         mean sums ``levels`` bins a pixel; the two agree as the scale shrinks below the bin width.)"""
         return self.loc.clamp(0, 1)
 
-    def _bin_log_prob(self, alpha: Tensor, beta: Tensor, width: Tensor, k: Tensor) -> Tensor:
-        """log P(bin k) from its standardised edges alpha < beta and width = beta - alpha (given apart: the
-        difference of two large edges has lost its digits)."""
+    @staticmethod
+    def _law(lo: Tensor, nhi: Tensor, spare: Tensor, inv_s: Tensor, w: Tensor, interior: Tensor, grads: bool):
+        """(log P, d log P / d shift, d log P / d log-dilation; the last two None unless ``grads``) of the
+        bins [lo, -nhi] * inv_s, given in pixel units with midpoint <= 0. w = inv_s / n is the interior bins'
+        standardised width, ``interior`` 0 on the two edge bins. lo, nhi and spare (same shape) are the
+        caller's buffers, free to overwrite."""
         raise NotImplementedError
 
     def _standard_sample(self, shape: torch.Size) -> Tensor:
         raise NotImplementedError
 
+    def _edges(self, value: Tensor, dtype) -> tuple[Tensor, Tensor, Tensor]:
+        """The bin's lower and upper edge in pixel units, each the same float for both bins it separates,
+        the open side of an edge bin at -+``OPEN_EDGE``; and 1 on interior bins, 0 on the two edge bins. At
+        the data's shape: the K decoded samples scored against one image share them."""
+        n = self.levels - 1
+        with torch.no_grad():
+            k = (value.to(dtype) * n).round_().clamp_(0, n)
+            first, last = (1 - k).clamp_(min=0), (k - (n - 1)).clamp_(min=0)  # 1 on bin 0, on bin n
+            e_lo = torch.sub(k, 0.5).div_(n).add_(first, alpha=-OPEN_EDGE)
+            e_hi = k.add_(0.5).div_(n).add_(last, alpha=OPEN_EDGE)
+            return e_lo, e_hi, first.add_(last).neg_().add_(1)
+
     def pixel_log_prob(self, value: Tensor) -> Tensor:
         """log P(pixel = value) for every pixel (the batch and event shape of ``loc``, broadcast)."""
-        n = self.levels - 1
-        k = (value * n).round().clamp(0, n)
-        inv_s = (-self.log_scale).exp()
-        # The bin's standardised edges, each computed as the same float for both bins it separates (so the
-        # probabilities telescope to one however small the scale); finite for the edge bins too, whose open
-        # side is replaced by the subclass (an infinite edge gives NaN gradients through torch.where).
-        alpha, beta = ((k - 0.5) / n - self.loc) * inv_s, ((k + 0.5) / n - self.loc) * inv_s
-        return self._bin_log_prob(alpha, beta, (inv_s / n).expand_as(alpha), k)
+        dtype = torch.promote_types(self.loc.dtype, torch.float32)
+        e_lo, e_hi, interior = self._edges(value, dtype)
+        return _DiscretizedLogProb.apply(self._law, self.loc.to(dtype), self.log_scale.to(dtype), e_lo, e_hi,
+                                         interior, self.levels - 1)
 
     def log_prob(self, value: Tensor) -> Tensor:
         return self.pixel_log_prob(value).sum((-3, -2, -1))
@@ -201,66 +264,100 @@ class Discretized(Distribution):
 class DiscretizedLogistic(Discretized):
     """Logistic(loc, s) per pixel, discretised: P(k) = sigmoid(beta) - sigmoid(alpha) (PixelCNN++, Eq. 2)."""
 
-    def _bin_log_prob(self, alpha, beta, width, k):
+    @staticmethod
+    def _law(lo, nhi, spare, inv_s, w, interior, grads):
         # sigmoid(b) - sigmoid(a) = sigmoid(b) sigmoid(-a) (1 - e^(a - b)): no difference of two probabilities,
-        # so the log stays accurate for any scale
-        inner = F.logsigmoid(beta) + F.logsigmoid(-alpha) + torch.log(-torch.expm1(-width))
-        return torch.where(k == 0, F.logsigmoid(beta), torch.where(k == self.levels - 1, F.logsigmoid(-alpha), inner))
+        # so the log is accurate at any scale; log(1 - e^-w) is one number per image, and 0 on an edge bin.
+        # With t = -hi and lo <= 0: log P = -max(t, 0) - log((1 + e^-|t|)(1 + e^lo)) + log(1 - e^-w).
+        lo, t = lo.mul_(inv_s), nhi.mul_(inv_s)
+        a, b = t.abs().neg_().exp_(), lo.exp()
+        log_p = torch.add(a, b, out=spare).addcmul_(a, b).log1p_().add_(torch.clamp(t, min=0, out=a)).neg_()
+        log_p.addcmul_(interior, torch.log(-torch.expm1(-w)))
+        if not grads:
+            return log_p, None, None
+        # d/d hi = sigmoid(t) + c, d/d lo = -sigmoid(lo) - c on interior bins, c = 1 / (e^w - 1): the shift
+        # d/d hi + d/d lo cancels c, the dilation hi d/d hi + lo d/d lo = -t sigmoid(t) - lo sigmoid(lo) + w c
+        sig_t, sig_lo = t.sigmoid(), torch.sigmoid(lo, out=b)
+        g_scale = torch.mul(t, sig_t, out=a).add_(lo.mul_(sig_lo)).neg_().addcmul_(interior, w / torch.expm1(w))
+        return log_p, sig_t.sub_(sig_lo), g_scale
 
     def _standard_sample(self, shape):
         u = torch.rand(shape, dtype=self.loc.dtype, device=self.loc.device).clamp(1e-6, 1 - 1e-6)
         return torch.logit(u)
 
 
-class _LogNdtr(torch.autograd.Function):
-    """log Phi(x) with a gradient that stays right in the far lower tail: torch's own backward of ``log_ndtr``
-    takes exp(log phi - log Phi), whose two terms of -x^2/2 cancel in float32 (at x = -1e3 it gives 956 for
-    1000, at -1e6 zero; NaN once inf - inf). There d/dx log Phi = phi/Phi = 1/R(-x), R the Mills ratio,
-    taken from its asymptotic series (Abramowitz & Stegun 26.2.12), accurate to 1e-6 for x < -10."""
-
-    @staticmethod
-    def forward(ctx, x):
-        y = log_ndtr(x)
-        ctx.save_for_backward(x, y)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, y = ctx.saved_tensors
-        t = (-x).clamp(min=10)
-        t2 = t.square()
-        tail = t / (1 - 1 / t2 + 3 / t2.square() - 15 / (t2 * t2.square()))
-        near = (-0.5 * x.clamp(min=-10).square() - 0.5 * math.log(2 * math.pi) - y).exp()
-        return grad * torch.where(x < -10, tail, near)
+_SQRT2, _SQRT_PI = math.sqrt(2), math.sqrt(math.pi)
+_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+NARROW = 0.2  # a bin is narrow when w max(|m|, 1) < NARROW: the midpoint series' next term is below 1e-9
 
 
-def _log_phi(x: Tensor) -> Tensor:
-    return _LogNdtr.apply(x)
+def _erfcx_tail(t: Tensor, r: Tensor, out: Tensor) -> Tensor:
+    """sqrt(pi) e^(t^2) erfc(t) for t >= 7 from its asymptotic series 1/t (1 - v/2 + 3 v^2/4 - 15 v^3/8),
+    v = 1/t^2 (Abramowitz & Stegun 7.1.23), to 1e-6 there (4e-9 past 14, where float64 uses it), into
+    ``out``; r is a scratch buffer of t's shape."""
+    torch.reciprocal(t, out=r)
+    v = torch.square(r, out=t)
+    s = torch.add(_const(t), v, alpha=-15 / 8, out=out)  # Horner
+    s = torch.addcmul(_const(t, -0.5), s, v, out=s)
+    return torch.addcmul(_const(t, 1.0), s, v, out=s).mul_(r)
+
+
+def _const(t: Tensor, c: float = 0.75) -> Tensor:
+    """c as a 0-dim tensor of t's dtype and device: the constant term of a fused multiply-add."""
+    return torch.tensor(c, dtype=t.dtype, device=t.device)
 
 
 class DiscretizedNormal(Discretized):
-    """N(loc, s^2) per pixel, discretised: P(k) = Phi(beta) - Phi(alpha), in log space via log Phi."""
+    """N(loc, s^2) per pixel, discretised: P(k) = Phi(beta) - Phi(alpha), in log space.
 
-    def _bin_log_prob(self, alpha, beta, width, k):
-        # Reflect bins above the mean into the lower tail (Phi(b) - Phi(a) = Phi(-a) - Phi(-b)), where
-        # log Phi is accurate: log(Phi(b) - Phi(a)) = log Phi(b) + log(1 - exp(log Phi(a) - log Phi(b))).
-        upper = alpha > 0
-        lo, hi = torch.where(upper, -beta, alpha), torch.where(upper, -alpha, beta)
-        log_hi = _log_phi(hi)
-        # clamped below 0: a log(0) in the branch torch.where drops would still make its gradient NaN
-        gap = (_log_phi(lo) - log_hi).clamp(max=-1e-30)
-        inner = log_hi + torch.log(-torch.expm1(gap))
-        # A bin narrow against its distance from the mean: log Phi(a) - log Phi(b) has lost its digits, but the
-        # midpoint rule with its Taylor corrections, phi(m) w (1 + (m^2-1) w^2/24 + (m^4-6m^2+3) w^4/1920),
-        # is accurate to float32 there (error ~ (w max(|m|, 1))^6).
-        m = 0.5 * (alpha + beta)
-        narrow = width * m.abs().clamp(min=1) < 0.2
-        m, w = torch.where(narrow, m, 0), torch.where(narrow, width, 1)  # no overflow where it is not used
-        m2, w2 = m.square(), w.square()
-        mid = (-0.5 * m2 - 0.5 * math.log(2 * math.pi) + w.log()
-               + torch.log1p(w2 * (m2 - 1) / 24 + w2.square() * (m2.square() - 6 * m2 + 3) / 1920))
-        inner = torch.where(narrow, mid, inner)
-        return torch.where(k == 0, _log_phi(beta), torch.where(k == self.levels - 1, _log_phi(-alpha), inner))
+    Three forms, each accurate where it is used (m, w the reflected bin's midpoint and width in standard
+    units, u = -hi / sqrt 2 and v = -lo / sqrt 2 >= u): a narrow bin, w max(|m|, 1) < 0.2, by the midpoint
+    rule with its Taylor terms, log phi(m) + log w + (m^2 - 1) w^2 / 24 - (m^4 + 4 m^2 - 2) w^4 / 2880; a
+    wide one by P = (erfc(u) - erfc(v)) / 2, no difference of nearly equal numbers; and a wide one where
+    erfc(u) is near underflow (beyond 10 standard deviations, 20 in float64) by P = e^(-u^2) (erfcx(u) -
+    e^(u^2 - v^2) erfcx(v)) / 2, erfcx from its asymptotic series. Every form is computed for every pixel
+    (no data-dependent shapes) and blended by masks, so each stays finite where it is not used."""
+
+    @staticmethod
+    def _law(lo, nhi, spare, inv_s, w, interior, grads):
+        far, x_min = (10.0, 1e-30) if lo.dtype != torch.float64 else (20.0, 1e-280)
+        far = far / _SQRT2  # in units of u
+        v, u = lo.mul_(inv_s * -(1 / _SQRT2)), nhi.mul_(inv_s * (1 / _SQRT2))  # -lo / sqrt 2, -hi / sqrt 2
+        s = torch.add(u, v, out=spare)  # -sqrt 2 m >= 0
+        # narrow: a polynomial in q = m^2 = s^2 / 2; w and s capped where the bin is not narrow, so that this
+        # form stays small and finite there (the blend multiplies it by 0)
+        wn = w.clamp(max=NARROW)
+        w2 = wn.square()
+        w4 = w2.square()
+        c0 = -_HALF_LOG_2PI + w.log() - w2 / 24 + w4 / 1440
+        c1, c2 = -0.5 + w2 / 24 - w4 / 720, -w4 / 2880
+        sn = s.clamp(max=_SQRT2 * NARROW / wn)
+        q = sn.square().mul_(0.5)
+        log_p_narrow = torch.addcmul(c1, q, c2).mul_(q).add_(c0)
+        narrow = _step(torch.where(w < NARROW, _SQRT2 * NARROW / w, -1.0) - s)  # s < that: scalar or per pixel
+        # wide: erfc difference, or in the far tail the scaled form (tail = 1 where u > far)
+        tail = _step(u - far)
+        e = torch.mul(s, -w / _SQRT2).exp_()  # e^(u^2 - v^2) = phi(lo) / phi(hi)
+        r, t = torch.empty_like(u), torch.clamp(u, min=far)
+        x_tail = _erfcx_tail(t, r, torch.empty_like(u))
+        x = _erfcx_tail(torch.clamp(v, min=far, out=t), r, torch.empty_like(u))
+        x_tail.sub_(x.mul_(e)).mul_(1 / _SQRT_PI)
+        x = torch.erfc(u, out=x).sub_(torch.erfc(v, out=t)).lerp_(x_tail, tail).clamp_(min=x_min)
+        u2 = torch.square(u, out=r)
+        tail_u2 = tail * u2
+        log_p = torch.log(x, out=t).sub_(tail_u2).sub_(math.log(2)).lerp_(log_p_narrow, narrow)
+        if not grads:
+            return log_p, None, None
+        # wide: d/d hi = phi(hi) / P = sqrt(2 / pi) e^(-u^2 (1 - tail)) / x, d/d lo = -e d/d hi
+        d_hi = u2.sub_(tail_u2).neg_().exp_().mul_(math.sqrt(2 / math.pi)).div_(x)
+        g_scale = v.mul_(e).neg_().add_(u).mul_(d_hi).mul_(-_SQRT2)  # hi d/d hi + lo d/d lo
+        g_shift = e.neg_().add_(1).mul_(d_hi)
+        # narrow: d/dm = m (2 c1 + 4 c2 q), w d/dw = (1 - w^2/12 + w^4/360) + q (w^2/12 - w^4/180 - q w^4/720)
+        dq = torch.mul(q, 4 * c2, out=x).add_(2 * c1)
+        g_shift.lerp_(sn.mul_(dq).mul_(-1 / _SQRT2), narrow)
+        w_dw = torch.mul(q, -w4 / 720, out=tail_u2).add_(w2 / 12 - w4 / 180).mul_(q).add_(1 - w2 / 12 + w4 / 360)
+        g_scale.lerp_(dq.mul_(q).add_(w_dw), narrow)
+        return log_p, g_shift, g_scale
 
     def _standard_sample(self, shape):
         return torch.randn(shape, dtype=self.loc.dtype, device=self.loc.device)
