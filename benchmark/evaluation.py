@@ -21,10 +21,11 @@ from torch.distributions import Distribution, Independent, Normal
 from benchmark.errors import UsageError
 from benchmark.latents import Delta, reparametrize
 from benchmark.metrics import keys
-from benchmark.metrics.fid import (FEATURE_EXTRACTORS, FrechetDistanceToReference, build_feature_extractor,
+from benchmark.metrics.fid import (FEATURE_EXTRACTORS, build_feature_extractor, reference_features,
                                    reference_statistics)
 from benchmark.metrics.gaussianity import LatentGaussianity
 from benchmark.metrics.likelihood import LikelihoodBounds, elbo_terms, index_noise, iw_log_likelihood
+from benchmark.metrics.sample_quality import SampleQuality
 from benchmark.module import LatentVariableModel
 from benchmark.nets import mlp
 from benchmark.spec import EvaluationConfig
@@ -93,10 +94,10 @@ class Evaluation(L.LightningModule):
     """Runs every metric over the test split (``test_step``) and the prior/GMM samples (at epoch end)."""
 
     def __init__(self, model: LatentVariableModel, cfg: EvaluationConfig, expost: ExPostPosterior | None = None,
-                 extractor=None, reference=None, gmm=None):
+                 extractor=None, reference=None, gmm=None, reference_features=None):
         super().__init__()
         self.model, self.cfg, self.expost, self.gmm = model, cfg, expost, gmm
-        self.extractor, self.reference = extractor, reference
+        self.extractor, self.reference, self.reference_features = extractor, reference, reference_features
         self.results: dict[str, float] = {}
 
     def setup(self, stage: str):
@@ -107,7 +108,10 @@ class Evaluation(L.LightningModule):
         self.fid = nn.ModuleDict()
         if self.extractor is not None and self.cfg.fid_samples > 0:
             names = [keys.FID_PRIOR, keys.FID_RECON] + ([keys.FID_GMM] if self.gmm is not None else [])
-            self.fid.update({k: FrechetDistanceToReference(self.extractor, self.reference) for k in names})
+            # FID, KID, precision and recall of each sample source from one feature pass; the reconstructions'
+            # buffer keeps the first fid_samples test images, like the prior's and the GMM's sample sets.
+            self.fid.update({k: SampleQuality(self.extractor, self.reference, self.reference_features,
+                                              capacity=self.cfg.fid_samples, seed=self.cfg.seed) for k in names})
 
     def proposal(self, x: Tensor) -> Distribution:
         """q(z|x) for the likelihood bounds: the encoder's own posterior, or the ex-post one."""
@@ -128,13 +132,14 @@ class Evaluation(L.LightningModule):
         z = reparametrize(q_model, eps)
         self.codes.update(z, q_model.mean, index)  # a Delta's mean is its code
         if keys.FID_RECON in self.fid:
-            self.fid[keys.FID_RECON].update(self.model.decode(q_model.mean).mean.clamp(0, 1))
+            self.fid[keys.FID_RECON].update(self.model.decode(q_model.mean).mean.clamp(0, 1), index)
 
     def _decode_slice(self, z: Tensor, metric):
         """Decode this rank's slice of a global sample set z (N, D) into the FID metric."""
         n, w, r = len(z), self.trainer.world_size, self.trainer.global_rank
-        for chunk in z[r * n // w: (r + 1) * n // w].split(1000):
-            metric.update(self.model.decode(chunk.to(self.device)).mean.clamp(0, 1))
+        index = torch.arange(r * n // w, (r + 1) * n // w)  # (n / w,) global sample numbers
+        for i in index.split(1000):
+            metric.update(self.model.decode(z[i].to(self.device)).mean.clamp(0, 1), i.to(self.device))
 
     def on_test_epoch_end(self):
         n, d = self.cfg.fid_samples, self.model.hparams.latent_dim
@@ -151,7 +156,8 @@ class Evaluation(L.LightningModule):
         if self.expost is not None:
             results[keys.ELBO_EXPOST] = results[keys.ELBO]
         results.update(self.codes.compute())
-        results.update({k: float(m.compute()) for k, m in self.fid.items()})
+        for source, metric in self.fid.items():
+            results.update({keys.SAMPLE_QUALITY[source][name]: v for name, v in metric.compute().items()})
         self.results = results
         self.log_dict({f"test/{k}": v for k, v in results.items() if np.isfinite(v)}, rank_zero_only=True)
 
@@ -195,7 +201,7 @@ def evaluate(model: LatentVariableModel, datamodule, cfg: EvaluationConfig, make
         lap("expost_fit_s")
     model.eval()
 
-    extractor = reference = gmm = None
+    extractor = reference = features = gmm = None
     if cfg.fid_samples > 0:
         name = datamodule.hparams.dataset
         if cfg.fid_extractor == "domain":
@@ -204,13 +210,14 @@ def evaluate(model: LatentVariableModel, datamodule, cfg: EvaluationConfig, make
         else:
             extractor = build_feature_extractor(cfg.fid_extractor, weights_path=cfg.inception_weights)
         reference = reference_statistics(name, datamodule.grey["test"][0], extractor, cache_dir=cfg.cache_dir)
+        features = reference_features(name, datamodule.grey["test"][0], extractor, cache_dir=cfg.cache_dir)
         lap("fid_reference_s")
         if cfg.gmm_components > 0:
             codes = training_codes(model, x_train, datamodule.binary, cfg.seed)
             gmm = fit_gmm(codes, cfg.gmm_components, cfg.seed)
             lap("gmm_fit_s")
 
-    evaluation = Evaluation(model, cfg, expost, extractor, reference, gmm)
+    evaluation = Evaluation(model, cfg, expost, extractor, reference, gmm, reference_features=features)
     trainer = make_trainer(limit_test_batches=1.0)
     trainer.test(evaluation, datamodule=datamodule, verbose=False)
     lap("test_pass_s")

@@ -35,7 +35,8 @@ def test_two_process_evaluation_equals_one_process(name, tmp_path):
     one = _evaluate(name, 1, tmp_path)
     two = _evaluate(name, 2, tmp_path)
     finite = {k: v for k, v in one.items() if math.isfinite(v)}
-    assert {"elbo", "nll_iw", "fid_prior", "fid_gmm", "fid_recon", "gauss_kl", "prior_holes"} <= set(finite)
+    assert {"elbo", "nll_iw", "fid_prior", "fid_gmm", "fid_recon", "gauss_kl", "prior_holes", "kid_prior",
+            "precision_gmm", "recall_recon"} <= set(finite)
     for key, value in finite.items():
         assert two[key] == pytest.approx(value, rel=1e-4, abs=1e-4), key
 

@@ -408,6 +408,20 @@ def reference_statistics(dataset: str, test_images: Tensor, extractor: FeatureEx
     return stats
 
 
+def reference_features(dataset: str, test_images: Tensor, extractor: FeatureExtractor, *,
+                       cache_dir: str | Path | None = None, batch_size: int = 500) -> Tensor:
+    """Features (N, F) float32 of a test split, cached beside its reference statistics: KID and
+    precision/recall need the points themselves, not sums."""
+    checksum = tensors_checksum(test_images)
+    path = fid_cache_dir(cache_dir) / f"features-{dataset}-{extractor.tag}-{checksum[:16]}.pt"
+    if path.exists():
+        return torch.load(path, map_location="cpu", weights_only=True)["features"]
+    features = images_to_features(test_images, extractor.to(test_images.device), batch_size).float().cpu()
+    _atomic_save({"features": features, "meta": {"dataset": dataset, "extractor": extractor.tag,
+                                                 "data_checksum": checksum}}, path)
+    return features
+
+
 @torch.no_grad()
 def frechet_distance(fake_images: Tensor, reference: ReferenceStatistics | Tensor, extractor: FeatureExtractor,
                      batch_size: int = 500) -> float:
