@@ -47,15 +47,19 @@ def kid_features_to_metric(fake: Tensor, real: Tensor, subsets: int = KID_SUBSET
                            subset_size: int = KID_SUBSET_SIZE, seed: int = 0) -> float:
     """Mean over `subsets` seeded random subsets of the unbiased MMD^2 (cubic polynomial kernel) between
     fake (N, F) and real (M, F) features; the subset size is capped at min(N, M)."""
+    from threadpoolctl import threadpool_limits
     from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN
     from torch_fidelity.metric_kid import kid_features_to_metric as tf_kid
 
     size = min(subset_size, len(fake), len(real))
     if size < 2:
         raise ValueError(f"KID needs at least 2 samples on each side, got {len(fake)} and {len(real)}")
-    out = tf_kid(fake.double().cpu(), real.double().cpu(), kid_subsets=subsets, kid_subset_size=size,
+    # One BLAS thread: the (1000, 1000) kernel matrices are too small to share, and on a busy CPU a pool of
+    # spinning threads made the 100 subsets 2.5x slower.
+    with threadpool_limits(1):
+        out = tf_kid(fake.double().cpu(), real.double().cpu(), kid_subsets=subsets, kid_subset_size=size,
                  kid_kernel="poly", kid_kernel_poly_degree=3, kid_kernel_poly_gamma=None,
-                 kid_kernel_poly_coef0=1, rng_seed=seed, verbose=False)
+                     kid_kernel_poly_coef0=1, rng_seed=seed, verbose=False)
     return out[KEY_METRIC_KID_MEAN]
 
 
@@ -72,7 +76,8 @@ def prc_features_to_metric(fake: Tensor, real: Tensor, neighborhood: int = PRC_N
     return out[KEY_METRIC_PRECISION], out[KEY_METRIC_RECALL]
 
 
-def sample_quality_from_features(fake: Tensor, real: Tensor, seed: int = 0) -> dict[str, float]:
+def sample_quality_from_features(fake: Tensor, real: Tensor, seed: int = 0,
+                                 kid_subsets: int = KID_SUBSETS) -> dict[str, float]:
     """KID, precision and recall of fake (N, F) against real (M, F) features, both standardised by `real`.
 
     Precision/recall compare sets of equal size (the k-NN radii shrink as a set grows, which would tilt the
@@ -81,7 +86,7 @@ def sample_quality_from_features(fake: Tensor, real: Tensor, seed: int = 0) -> d
     n = min(len(f), len(r))
     r_prc = r[torch.randperm(len(r), generator=torch.Generator().manual_seed(seed))[:n]]
     precision, recall = prc_features_to_metric(f, r_prc)
-    return {KID: kid_features_to_metric(f, r, seed=seed), PRECISION: precision, RECALL: recall}
+    return {KID: kid_features_to_metric(f, r, kid_subsets, seed=seed), PRECISION: precision, RECALL: recall}
 
 
 class _PassThrough(FeatureExtractor):
@@ -111,7 +116,8 @@ class SampleQuality(Metric):
     full_state_update = False
 
     def __init__(self, extractor: FeatureExtractor, reference: ReferenceStatistics | None,
-                 reference_features: Tensor, capacity: int = 10_000, seed: int = 0, **kwargs):
+                 reference_features: Tensor, capacity: int = 10_000, seed: int = 0,
+                 kid_subsets: int = KID_SUBSETS, **kwargs):
         super().__init__(**kwargs)
         if reference_features.dim() != 2 or reference_features.shape[1] != extractor.num_features:
             raise ValueError(f"reference features must be (M, {extractor.num_features}), "
@@ -119,7 +125,7 @@ class SampleQuality(Metric):
         self.extractor = extractor
         self.fid = FrechetDistanceToReference(_PassThrough(extractor.num_features), reference)
         self.register_buffer("reference_features", reference_features.float(), persistent=False)
-        self.capacity, self.seed = capacity, seed
+        self.capacity, self.seed, self.kid_subsets = capacity, seed, kid_subsets
         self.add_state("features", [], dist_reduce_fx="cat")
         self.add_state("index", [], dist_reduce_fx="cat")
 
@@ -135,7 +141,7 @@ class SampleQuality(Metric):
         index = torch.cat(self.index) if isinstance(self.index, list) else self.index  # (N,)
         features = features[index.argsort()]
         out = {FID: float(self.fid.compute())}
-        out.update(sample_quality_from_features(features, self.reference_features, self.seed))
+        out.update(sample_quality_from_features(features, self.reference_features, self.seed, self.kid_subsets))
         return out
 
     def reset(self) -> None:
