@@ -48,12 +48,18 @@ STATUSES = ("finished", "diverged", "failed", "running")
 REQUIRED_FIELDS = ("study", "run", "status")
 LOCK_FILE = ".records.lock"
 
-# Ranking metric of a table: the first family any variant of the table reports. Within a family the first
-# key a variant has is used (an ELBO is -inf or missing for deterministic encoders; their ex-post ELBO is
-# the same bound for a fitted Gaussian posterior).
-PRIMARY = ((K.FID_PRIOR,), (K.ELBO, K.ELBO_EXPOST), (K.NLL_IW,))
-HEADLINE = (K.FID_PRIOR, K.FID_GMM, K.FID_RECON, K.ELBO, K.ELBO_EXPOST, K.NLL_IW, K.ELBO_BPD,
-            K.DISTORTION, K.RATE)
+# The tables of each (study, dataset), each ranked by its own metric, named in its heading. A table's ranking
+# metric is the first family any of its variants reports; within a family the first key a variant has (an
+# ELBO is -inf or missing for deterministic encoders; their ex-post ELBO is the same bound for a fitted
+# Gaussian posterior). Samples rank by KID of prior samples: in results/extractor_check_mnist.md it is the
+# metric that grows with every corruption and with every class removed, where precision rises as classes
+# go and the domain FID punished dimming most; FID ranks only records that lack KID.
+PRIMARY = {"Likelihood": ((K.NLL_IW,), (K.ELBO, K.ELBO_EXPOST)),
+           "Samples": ((K.KID_PRIOR,), (K.FID_PRIOR,))}
+HEADLINE = {"Likelihood": (K.NLL_IW, K.ELBO, K.ELBO_EXPOST, K.ELBO_BPD, K.DISTORTION, K.RATE),
+            "Samples": (K.KID_PRIOR, K.PRECISION_PRIOR, K.RECALL_PRIOR, K.FID_PRIOR,
+                        K.KID_GMM, K.PRECISION_GMM, K.RECALL_GMM, K.FID_GMM,
+                        K.KID_RECON, K.PRECISION_RECON, K.RECALL_RECON, K.FID_RECON)}
 GAUSSIANITY_PANEL = (K.GAUSS_KL, K.GAUSS_MMD, K.GAUSS_SWD, K.KNN_KL, K.PRIOR_HOLES, K.KS_FRAC)
 LOG_SCALE = {K.GAUSS_KL, K.GAUSS_MMD, K.GAUSS_SWD, K.KNN_KL}  # log axis when positive and over a decade
 MIXED = "<differs between seeds>"
@@ -298,14 +304,14 @@ def _common(protocols: list[dict]) -> dict:
     return out
 
 
-def primary_keys(groups: Sequence[Group]) -> tuple[str, ...] | None:
-    """The ranking family (see ``PRIMARY``) of a table: the first that any of its groups reports."""
-    return next((fam for fam in PRIMARY if any(k in g.stats for g in groups for k in fam)), None)
+def primary_keys(groups: Sequence[Group], table: str = "Likelihood") -> tuple[str, ...] | None:
+    """The ranking family of ``table`` (see ``PRIMARY``): the first that any of its groups reports."""
+    return next((fam for fam in PRIMARY[table] if any(k in g.stats for g in groups for k in fam)), None)
 
 
-def rank(groups: Sequence[Group]) -> list[Group]:
-    """Groups best first by the primary metric in its direction; groups without it go last."""
-    family = primary_keys(groups)
+def rank(groups: Sequence[Group], table: str = "Likelihood") -> list[Group]:
+    """Groups best first by ``table``'s ranking metric in its direction; groups without it go last."""
+    family = primary_keys(groups, table)
     if family is None:
         return list(groups)
     sign = -1.0 if K.HIGHER_IS_BETTER.get(family[0]) else 1.0
@@ -435,20 +441,25 @@ def leaderboard_markdown(groups: Sequence[Group], references: Sequence[dict] = (
              f"Computed from {n_records} run records. Cells: mean ± 95% CI half-width (Student t) (n seeds); "
              "↑ higher is better, ↓ lower is better. Diverged and failed runs are counted, not averaged.", ""]
     for (study, dataset), table in _tables(groups).items():
-        family = primary_keys(table)
         lines += [f"## {study} / {dataset}", ""]
-        if family:
-            lines += [f"Ranked by {family[0]}" + (f" ({', '.join(family[1:])} where it is missing)"
-                                                  if len(family) > 1 else "") + ".", ""]
         present = sorted({k for g in table for k in g.stats}, key=_metric_order)
-        for title, cols in (("", [k for k in HEADLINE if k in present]),
-                            ("Latent space", [k for k in present if k not in HEADLINE])):
-            if not cols and title:
+        headline = {k for cols in HEADLINE.values() for k in cols}
+        panels = [(title, rank(table, title), [k for k in cols if k in present]) for title, cols in HEADLINE.items()]
+        panels.append(("Latent space", table, [k for k in present if k not in headline]))
+        for title, ordered, cols in panels:
+            if not cols and title != "Likelihood":  # the likelihood table always shows the runs' counts
                 continue
-            if title:
-                lines += [f"{title}:", ""]
+            family = primary_keys(table, title) if title in PRIMARY else None
+            if family:
+                title += f", ranked by {_header(family[0])}" + (
+                    f" ({', '.join(family[1:])} where it is missing)" if len(family) > 1 else "")
+            elif title in PRIMARY:
+                title += ", unranked (no variant reports its metric)"
+            else:
+                title += ", in the likelihood table's order"
+            lines += [f"### {title}", ""]
             rows = [[str(i), g.variant, *[g.stats[k].cell() if k in g.stats else "–" for k in cols],
-                     str(g.n_diverged), str(g.n_failed)] for i, g in enumerate(table, 1)]
+                     str(g.n_diverged), str(g.n_failed)] for i, g in enumerate(ordered, 1)]
             lines += _md_table(["rank", "variant", *map(_header, cols), "diverged", "failed"], rows) + [""]
         running = sum(g.n_running for g in table)
         if running:
