@@ -164,3 +164,24 @@ def test_two_processes_give_the_single_process_values(tmp_path):
     mp.start_processes(_on_rank, args=(2, port, real, fake, tmp_path), nprocs=2, start_method=start_method)
     for r in range(2):
         assert torch.load(tmp_path / f"rank{r}.pt") == pytest.approx(expected, rel=1e-6)
+
+
+def test_extractor_check_corrupts_as_named_and_judges_monotonicity():
+    from benchmark.perf import extractor_check as check
+
+    g = torch.Generator().manual_seed(0)
+    pool = torch.rand(400, 1, 8, 8, generator=g), torch.arange(400) % 10
+    rows = check.corrupted_sets(pool, 100, seed=0)
+    by = {(family, strength): x for family, _, strength, x in rows}
+    clean = by[("clean", 0.0)]
+    assert torch.equal(by[("dim", 0.5)], clean * 0.5)
+    assert ((by[("salt", 0.1)] == 1) & (clean != 1)).float().mean() == pytest.approx(0.1, abs=0.03)
+    kept = [x for family, _, k, x in rows if family == "drop" and k == 5][0]
+    match = (kept[:, None] == pool[0][None]).flatten(2).all(2).float().argmax(1)  # (100,) pool rows
+    assert len(kept) == 100 and len(pool[1][match].unique()) == 5
+    results = [{"family": f, "strength": s, "fid": s, "kid": s, "precision": 1 - s, "recall": 1.0}
+               for f, _, s, _ in rows]
+    verdict = check.monotone(results)
+    assert all(verdict["noise"].values())
+    results[1]["fid"] = -1.0  # the weakest noise better than clean
+    assert not check.monotone(results)["noise"]["fid"]
