@@ -185,3 +185,10 @@ def test_extractor_check_corrupts_as_named_and_judges_monotonicity():
     assert all(verdict["noise"].values())
     results[1]["fid"] = -1.0  # the weakest noise better than clean
     assert not check.monotone(results)["noise"]["fid"]
+
+
+def test_a_set_too_small_for_k_nearest_neighbours_reports_nan_not_an_error():
+    metric = _metric(mixture(100, MEANS).float())
+    metric.update(torch.zeros(3, 6, 1, 1), torch.arange(3))
+    out = metric.compute()
+    assert np.isfinite(out[sq.FID]) and all(np.isnan(out[k]) for k in (sq.KID, sq.PRECISION, sq.RECALL))
