@@ -10,7 +10,8 @@ replacement from the other half and the validation split (neither seen by the ex
 "clean" is such a draw, the pixel corruptions (Gaussian noise, salt noise, Gaussian blur, dimming) are
 applied to it, and "drop k" draws from the images of 10 - k classes only. A trustworthy space orders each
 family monotonically in its strength (FID and KID up, precision and recall down; recall down as classes go).
-Writes a markdown table per extractor recipe and prints which metric is monotone in which family.
+Writes a markdown table per extractor recipe and prints which metric is monotone in which family. On a
+shared CPU, ``OMP_NUM_THREADS=1`` avoids threads waiting on each other (a table: minutes either way).
 """
 
 from __future__ import annotations
@@ -125,7 +126,9 @@ def main(argv=None) -> None:
         start = time.perf_counter()
         results = measure(extractor, x_test[reference], rows, args.seed)
         verdict = monotone(results)
-        sections += markdown(recipe, extractor.meta, results, verdict, time.perf_counter() - start)
+        section = markdown(recipe, extractor.meta, results, verdict, time.perf_counter() - start)
+        print("\n".join(section))  # each table as soon as it is measured: a table takes minutes on a busy CPU
+        sections += section
         print(f"augment={recipe} ({extractor.tag}):")
         for family, ok in verdict.items():
             print(f"  {family:6s} " + "  ".join(f"{m}={'monotone' if ok[m] else 'NOT monotone'}" for m in METRICS))
