@@ -51,9 +51,10 @@ LOCK_FILE = ".records.lock"
 # The tables of each (study, dataset), each ranked by its own metric, named in its heading. A table's ranking
 # metric is the first family any of its variants reports; within a family the first key a variant has (an
 # ELBO is -inf or missing for deterministic encoders; their ex-post ELBO is the same bound for a fitted
-# Gaussian posterior). Samples rank by KID of prior samples: in results/extractor_check_mnist.md it is the
-# metric that grows with every corruption and with every class removed, where precision rises as classes
-# go and the domain FID punished dimming most; FID ranks only records that lack KID.
+# Gaussian posterior). Samples rank by KID of prior samples: in results/extractor_check_mnist.md it grows
+# with every corruption and every class removed, as FID does, but is unbiased (real against real reads 0
+# whatever the set size), while precision is not monotone and blind to missing classes; FID ranks only
+# records that lack KID, and the heading then says so.
 PRIMARY = {"Likelihood": ((K.NLL_IW,), (K.ELBO, K.ELBO_EXPOST)),
            "Samples": ((K.KID_PRIOR,), (K.FID_PRIOR,))}
 HEADLINE = {"Likelihood": (K.NLL_IW, K.ELBO, K.ELBO_EXPOST, K.ELBO_BPD, K.DISTORTION, K.RATE),
