@@ -22,11 +22,12 @@ from torch.distributions import Distribution, Independent, Normal
 from benchmark.errors import UsageError
 from benchmark.latents import Delta, reparametrize
 from benchmark.metrics import keys
-from benchmark.metrics.fid import (FEATURE_EXTRACTORS, FrechetDistanceToReference, build_feature_extractor,
+from benchmark.metrics.fid import (FEATURE_EXTRACTORS, build_feature_extractor, reference_features,
                                    reference_statistics)
 from benchmark.metrics.gaussianity import LatentGaussianity
 from benchmark.metrics.likelihood import (DISCRETE, LikelihoodBounds, bpd_metrics, elbo_terms, index_noise,
                                           iw_ladder, iw_log_weights, likelihood_kind)
+from benchmark.metrics.sample_quality import SampleQuality
 from benchmark.module import LatentVariableModel
 from benchmark.nets import mlp
 from benchmark.spec import EvaluationConfig
@@ -115,12 +116,12 @@ class Evaluation(L.LightningModule):
 
     def __init__(self, model: LatentVariableModel, cfg: EvaluationConfig, posthoc: PosthocPosterior,
                  own_elbo: bool = True, extractor=None, reference=None, gmm=None, likelihood_kind: str = DISCRETE,
-                 levels: int | None = None):
+                 levels: int | None = None, reference_features=None):
         super().__init__()
         self.model, self.cfg, self.posthoc, self.own_elbo, self.gmm = model, cfg, posthoc, own_elbo, gmm
         # what the likelihood values are of, and on how many levels: they set the bits/dim
         self.likelihood_kind, self.levels = likelihood_kind, levels or model.hparams.levels
-        self.extractor, self.reference = extractor, reference
+        self.extractor, self.reference, self.reference_features = extractor, reference, reference_features
         self.results: dict[str, float] = {}
 
     def setup(self, stage: str):
@@ -132,7 +133,10 @@ class Evaluation(L.LightningModule):
         self.fid = nn.ModuleDict()
         if self.extractor is not None and self.cfg.fid_samples > 0:
             names = [keys.FID_PRIOR, keys.FID_RECON] + ([keys.FID_GMM] if self.gmm is not None else [])
-            self.fid.update({k: FrechetDistanceToReference(self.extractor, self.reference) for k in names})
+            # FID, KID, precision and recall of each sample source from one feature pass; the reconstructions'
+            # buffer keeps the first fid_samples test images, like the prior's and the GMM's sample sets.
+            self.fid.update({k: SampleQuality(self.extractor, self.reference, self.reference_features,
+                                              capacity=self.cfg.fid_samples, seed=self.cfg.seed) for k in names})
 
     def test_step(self, batch, batch_idx):
         x, _, index = batch
@@ -152,13 +156,14 @@ class Evaluation(L.LightningModule):
         z = reparametrize(q_model, eps)  # the codes the model itself would decode
         self.codes.update(z, q_model.mean, index)  # a Delta's mean is its code
         if keys.FID_RECON in self.fid:
-            self.fid[keys.FID_RECON].update(self.model.decode(q_model.mean).mean.clamp(0, 1))
+            self.fid[keys.FID_RECON].update(self.model.decode(q_model.mean).mean.clamp(0, 1), index)
 
     def _decode_slice(self, z: Tensor, metric):
         """Decode this rank's slice of a global sample set z (N, D) into the FID metric."""
         n, w, r = len(z), self.trainer.world_size, self.trainer.global_rank
-        for chunk in z[r * n // w: (r + 1) * n // w].split(1000):
-            metric.update(self.model.decode(chunk.to(self.device)).mean.clamp(0, 1))
+        index = torch.arange(r * n // w, (r + 1) * n // w)  # (n / w,) global sample numbers
+        for i in index.split(1000):
+            metric.update(self.model.decode(z[i].to(self.device)).mean.clamp(0, 1), i.to(self.device))
 
     def on_test_epoch_end(self):
         n, d = self.cfg.fid_samples, self.model.hparams.latent_dim
@@ -175,7 +180,8 @@ class Evaluation(L.LightningModule):
         dims = math.prod(self.model.hparams.data_shape)
         results.update(bpd_metrics(results, dims, self.levels, self.likelihood_kind))
         results.update(self.codes.compute())
-        results.update({k: float(m.compute()) for k, m in self.fid.items()})
+        for source, metric in self.fid.items():
+            results.update({keys.SAMPLE_QUALITY[source][name]: v for name, v in metric.compute().items()})
         self.results = results
         self.log_dict({f"test/{k}": v for k, v in results.items() if np.isfinite(v)}, rank_zero_only=True)
 
@@ -217,7 +223,7 @@ def evaluate(model: LatentVariableModel, datamodule, cfg: EvaluationConfig, make
     lap("posthoc_fit_s")
     model.eval()
 
-    extractor = reference = gmm = None
+    extractor = reference = features = gmm = None
     if cfg.fid_samples > 0:
         name = datamodule.hparams.dataset
         if cfg.fid_extractor == "domain":
@@ -226,6 +232,7 @@ def evaluate(model: LatentVariableModel, datamodule, cfg: EvaluationConfig, make
         else:
             extractor = build_feature_extractor(cfg.fid_extractor, weights_path=cfg.inception_weights)
         reference = reference_statistics(name, datamodule.grey["test"][0], extractor, cache_dir=cfg.cache_dir)
+        features = reference_features(name, datamodule.grey["test"][0], extractor, cache_dir=cfg.cache_dir)
         lap("fid_reference_s")
         if cfg.gmm_components > 0:
             codes = training_codes(model, x_train, datamodule.binary, cfg.seed)
@@ -235,7 +242,7 @@ def evaluate(model: LatentVariableModel, datamodule, cfg: EvaluationConfig, make
     own_elbo = not is_deterministic(model, x_train[:1].to(model.device))  # a Delta's ELBO is -inf
     kind = likelihood_kind(model.likelihood.discrete, datamodule.hparams.dequantize)
     evaluation = Evaluation(model, cfg, posthoc, own_elbo, extractor, reference, gmm, likelihood_kind=kind,
-                            levels=datamodule.levels)
+                            levels=datamodule.levels, reference_features=features)
     trainer = make_trainer(limit_test_batches=1.0)
     trainer.test(evaluation, datamodule=datamodule, verbose=False)
     lap("test_pass_s")

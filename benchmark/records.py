@@ -51,12 +51,21 @@ STATUSES = ("finished", "diverged", "failed", "running")
 REQUIRED_FIELDS = ("study", "run", "status")
 LOCK_FILE = ".records.lock"
 
-# Ranking metric of a table: the first family any variant of the table reports. Within a family the first
-# key a variant has is used: the post-hoc ELBO (one posterior family for every decoder); in older records,
-# the encoder's ELBO, or for deterministic encoders (ELBO -inf or missing) their ex-post ELBO.
-PRIMARY = ((K.FID_PRIOR,), (K.ELBO_POSTHOC, K.ELBO, K.ELBO_EXPOST), (K.NLL_IW,))
-HEADLINE = (K.FID_PRIOR, K.FID_GMM, K.FID_RECON, K.ELBO_POSTHOC, K.ELBO, K.ELBO_EXPOST, K.NLL_IW, K.ELBO_BPD,
-            K.DISTORTION_POSTHOC, K.RATE_POSTHOC, K.DISTORTION, K.RATE)
+# The tables of each (study, dataset), each ranked by its own metric, named in its heading. A table's ranking
+# metric is the first family any of its variants reports; within a family the first key a variant has (the
+# post-hoc ELBO, one posterior family for every decoder; in older records the encoder's ELBO, or for
+# deterministic encoders, whose ELBO is -inf, their ex-post ELBO). Samples rank by KID of prior samples: in results/extractor_check_mnist.md it grows
+# with every corruption and every class removed, as FID does, but is unbiased (real against real reads 0
+# whatever the set size), while precision is not monotone and blind to missing classes; FID ranks only
+# records that lack KID, and the heading then says so.
+PRIMARY = {"Likelihood": ((K.NLL_IW,), (K.ELBO_POSTHOC, K.ELBO, K.ELBO_EXPOST)),
+           "Samples": ((K.KID_PRIOR,), (K.FID_PRIOR,))}
+HEADLINE = {"Likelihood": (K.NLL_IW, K.NLL_IW_BPD, K.ELBO_POSTHOC, K.ELBO_POSTHOC_BPD, K.ELBO, K.ELBO_BPD,
+                           K.ELBO_EXPOST, K.DISTORTION_POSTHOC, K.RATE_POSTHOC, K.DISTORTION, K.RATE),
+            "Samples": (K.KID_PRIOR, K.PRECISION_PRIOR, K.RECALL_PRIOR, K.FID_PRIOR,
+                        K.KID_GMM, K.PRECISION_GMM, K.RECALL_GMM, K.FID_GMM,
+                        K.KID_RECON, K.PRECISION_RECON, K.RECALL_RECON, K.FID_RECON)}
+HEADLINE_KEYS = tuple(k for cols in HEADLINE.values() for k in cols)
 GAUSSIANITY_PANEL = (K.GAUSS_KL, K.GAUSS_MMD, K.GAUSS_SWD, K.KNN_KL, K.PRIOR_HOLES, K.KS_FRAC)
 LOG_SCALE = {K.GAUSS_KL, K.GAUSS_MMD, K.GAUSS_SWD, K.KNN_KL}  # log axis when positive and over a decade
 MIXED = "<differs between seeds>"
@@ -301,14 +310,14 @@ def _common(protocols: list[dict]) -> dict:
     return out
 
 
-def primary_keys(groups: Sequence[Group]) -> tuple[str, ...] | None:
-    """The ranking family (see ``PRIMARY``) of a table: the first that any of its groups reports."""
-    return next((fam for fam in PRIMARY if any(k in g.stats for g in groups for k in fam)), None)
+def primary_keys(groups: Sequence[Group], table: str = "Likelihood") -> tuple[str, ...] | None:
+    """The ranking family of ``table`` (see ``PRIMARY``): the first that any of its groups reports."""
+    return next((fam for fam in PRIMARY[table] if any(k in g.stats for g in groups for k in fam)), None)
 
 
-def rank(groups: Sequence[Group]) -> list[Group]:
-    """Groups best first by the primary metric in its direction; groups without it go last."""
-    family = primary_keys(groups)
+def rank(groups: Sequence[Group], table: str = "Likelihood") -> list[Group]:
+    """Groups best first by ``table``'s ranking metric in its direction; groups without it go last."""
+    family = primary_keys(groups, table)
     if family is None:
         return list(groups)
     sign = -1.0 if K.HIGHER_IS_BETTER.get(family[0]) else 1.0
@@ -428,8 +437,8 @@ def paired_markdown(rows: Sequence[PairedRow], groups: Sequence[Group] = ()) -> 
         if not present:
             continue
         lines += [f"### {study} / {dataset}", ""]
-        for title, cols in (("", [k for k in HEADLINE if k in present]),
-                            ("Other metrics", [k for k in present if k not in HEADLINE])):
+        for title, cols in (("", [k for k in HEADLINE_KEYS if k in present]),
+                            ("Other metrics", [k for k in present if k not in HEADLINE_KEYS])):
             if not cols:
                 continue
             if title:
@@ -556,26 +565,62 @@ def _number(x: float | None) -> str:
     return "–" if x is None else f"{x:.4g}"
 
 
+# What a table's likelihood numbers are (the run protocol's ``likelihood_kind``), in words.
+LIKELIHOOD_KINDS = {
+    "discrete": "a log-probability of the discrete pixels (bits/dim comparable with any discrete model)",
+    "dequantized": "a density on uniformly dequantised pixels: a lower bound on the log-probability of the "
+                   "discrete pixels (bits/dim comparable with any discrete model)",
+    "density_on_grid": "a density evaluated at the 8-bit grid values: not a probability of anything discrete, "
+                       "not comparable with bits/dim, and unbounded as the decoder's scale shrinks",
+}
+
+
+def _protocol_lines(table: Sequence[Group]) -> list[str]:
+    """What the likelihood columns of a table mean: the likelihood's kind, K, and the posterior behind each
+    ELBO key, from the runs' protocols (older records lack the fields and get no line)."""
+    def shared(field):
+        values = {str(g.protocol.get(field)) for g in table if g.protocol.get(field) is not None}
+        return values.pop() if len(values) == 1 else (MIXED if values else None)
+
+    lines = []
+    kind, likelihood = shared("likelihood_kind"), shared("likelihood")
+    if kind is not None:
+        lines.append(f"Likelihood `{likelihood}`: {LIKELIHOOD_KINDS.get(kind, kind)}.")
+    ks = shared("iw_ks")
+    if ks is not None:
+        lines.append(f"`nll_iw` is -log p(x) by importance sampling at the largest K of {ks} (`nll_iw_k<K>` at "
+                     f"each), with the post-hoc posterior as proposal. `elbo_posthoc`: the ELBO of one post-hoc "
+                     f"posterior family fitted alike to every decoder (an amortised diagonal Gaussian from x, "
+                     f"started at the encoder's); `elbo`: the encoder's own posterior (stochastic encoders only).")
+    return lines + [""] if lines else []
+
+
 def leaderboard_markdown(groups: Sequence[Group], references: Sequence[dict] = (), plots: Sequence[str] = (),
                          n_records: int = 0, paired: Sequence[PairedRow] = ()) -> str:
     lines = ["# Leaderboard", "",
              f"Computed from {n_records} run records. Cells: mean ± 95% CI half-width (Student t) (n seeds); "
              "↑ higher is better, ↓ lower is better. Diverged and failed runs are counted, not averaged.", ""]
     for (study, dataset), table in _tables(groups).items():
-        family = primary_keys(table)
         lines += [f"## {study} / {dataset}", ""]
-        if family:
-            lines += [f"Ranked by {family[0]}" + (f" ({', '.join(family[1:])} where it is missing)"
-                                                  if len(family) > 1 else "") + ".", ""]
         present = sorted({k for g in table for k in g.stats}, key=_metric_order)
-        for title, cols in (("", [k for k in HEADLINE if k in present]),
-                            ("Latent space", [k for k in present if k not in HEADLINE])):
-            if not cols and title:
+        headline = set(HEADLINE_KEYS)
+        lines += _protocol_lines(table)
+        panels = [(title, rank(table, title), [k for k in cols if k in present]) for title, cols in HEADLINE.items()]
+        panels.append(("Latent space", table, [k for k in present if k not in headline]))
+        for title, ordered, cols in panels:
+            if not cols and title != "Likelihood":  # the likelihood table always shows the runs' counts
                 continue
-            if title:
-                lines += [f"{title}:", ""]
+            family = primary_keys(table, title) if title in PRIMARY else None
+            if family:
+                title += f", ranked by {_header(family[0])}" + (
+                    f" ({', '.join(family[1:])} where it is missing)" if len(family) > 1 else "")
+            elif title in PRIMARY:
+                title += ", unranked (no variant reports its metric)"
+            else:
+                title += ", in the likelihood table's order"
+            lines += [f"### {title}", ""]
             rows = [[str(i), g.variant, *[g.stats[k].cell() if k in g.stats else "–" for k in cols],
-                     str(g.n_diverged), str(g.n_failed)] for i, g in enumerate(table, 1)]
+                     str(g.n_diverged), str(g.n_failed)] for i, g in enumerate(ordered, 1)]
             lines += _md_table(["rank", "variant", *map(_header, cols), "diverged", "failed"], rows) + [""]
         running = sum(g.n_running for g in table)
         if running:

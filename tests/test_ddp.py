@@ -37,7 +37,7 @@ def test_two_process_evaluation_equals_one_process(name, tmp_path):
     finite = {k: v for k, v in one.items() if math.isfinite(v)}
     assert set(two) == set(one)
     assert {"elbo_posthoc", "nll_iw", "nll_iw_k1", "nll_iw_k10", "nll_iw_k20", "fid_prior", "fid_gmm", "fid_recon",
-            "gauss_kl", "prior_holes"} <= set(finite)
+            "gauss_kl", "prior_holes", "kid_prior", "precision_gmm", "recall_recon"} <= set(finite)
     assert ("elbo" in finite) is (name == "vae")  # the encoder's own ELBO: stochastic encoders only
     for key, value in finite.items():
         assert two[key] == pytest.approx(value, rel=1e-4, abs=1e-4), key

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from benchmark.errors import UsageError
 from benchmark.metrics import fid
 
 SHARED = Path(__file__).parents[1].parent / "shared"
@@ -170,6 +171,24 @@ def test_domain_extractor_is_cached_by_checksum_and_trained_deterministically(di
 
     elsewhere = fid.domain_feature_extractor("digits", images, labels, cache_dir=tmp_path / "b", **TRAINING)
     assert all(torch.equal(p, q) for p, q in zip(elsewhere.state_dict().values(), first.state_dict().values()))
+
+
+def test_the_augmentation_is_part_of_the_cache_key(digits, tmp_path):
+    images, labels = digits
+    plain = fid.domain_feature_extractor("digits", images, labels, cache_dir=tmp_path, augment="none", **TRAINING)
+    dimmed = fid.domain_feature_extractor("digits", images, labels, cache_dir=tmp_path, **TRAINING)
+    assert plain.tag != dimmed.tag and (plain.meta["augment"], dimmed.meta["augment"]) == ("none", "intensity")
+    with pytest.raises(UsageError, match="augmentation"):
+        fid.domain_feature_extractor("digits", images, labels, cache_dir=tmp_path, augment="blurry", **TRAINING)
+
+
+def test_reference_features_are_cached_and_equal_the_extracted_ones(domain_extractor, digits, tmp_path,
+                                                                      monkeypatch):
+    real = digits[0][:300]
+    features = fid.reference_features("digits", real, domain_extractor, cache_dir=tmp_path)
+    assert torch.equal(features, fid.images_to_features(real, domain_extractor)) and features.shape == (300, 128)
+    monkeypatch.setattr(fid, "images_to_features", lambda *a, **k: pytest.fail("recomputed"))
+    assert torch.equal(fid.reference_features("digits", real, domain_extractor, cache_dir=tmp_path), features)
 
 
 def test_cache_dir_follows_the_environment(tmp_path, monkeypatch):

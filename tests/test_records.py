@@ -154,7 +154,12 @@ def test_aggregate_groups_and_counts_failures_apart():
 def test_ranking_follows_the_metric_direction():
     fid = aggregate([record("a", fid_prior=30.0, elbo=-80.0), record("b", fid_prior=10.0, elbo=-95.0),
                      record("c", elbo=-70.0)])
-    assert [g.variant for g in rank(fid)] == ["b", "a", "c"]  # lower FID first; no FID last
+    assert [g.variant for g in rank(fid, "Samples")] == ["b", "a", "c"]  # lower FID first; no FID last
+    assert [g.variant for g in rank(fid, "Likelihood")] == ["c", "a", "b"]  # each table its own metric
+    kid = aggregate([record("a", fid_prior=30.0, kid_prior=0.01, nll_iw=80.0, elbo=-70.0),
+                     record("b", fid_prior=10.0, kid_prior=0.02, nll_iw=90.0, elbo=-60.0)])
+    assert [g.variant for g in rank(kid, "Samples")] == ["a", "b"]  # KID, not FID, where it is recorded
+    assert [g.variant for g in rank(kid, "Likelihood")] == ["a", "b"]  # nll_iw, not the ELBO
     elbo = aggregate([record("a", elbo=-95.0), record("b", elbo=-80.0),
                       record("c", elbo=-math.inf, elbo_expost=-85.0)])
     assert [g.variant for g in rank(elbo)] == ["b", "c", "a"]  # higher ELBO first, ex-post where missing
@@ -239,10 +244,12 @@ def test_leaderboard_writes_markdown_csv_and_plots(tmp_path, capsys):
     md = leaderboard_main([str(tmp_path)])
     assert md == tmp_path / "leaderboard.md" and str(md) in capsys.readouterr().out
     text = md.read_text()
-    assert "fid_prior ↓" in text and "elbo ↑" in text and "Ranked by fid_prior" in text
-    rows = [line for line in text.splitlines() if line.startswith("| 1 |") or line.startswith("| 2 |")]
+    assert "fid_prior ↓" in text and "elbo ↑" in text
+    assert "### Samples, ranked by fid_prior ↓" in text and "### Likelihood, ranked by elbo ↑" in text
+    samples = text.split("### Samples")[1].split("###")[0].splitlines()
+    rows = [line for line in samples if line.startswith("| 1 |") or line.startswith("| 2 |")]
     assert "wae_mmd" in rows[0] and "16 ± " in rows[0] and "(3)" in rows[0]
-    vae_row = next(line for line in text.splitlines() if line.startswith("| 2 | vae |"))
+    vae_row = next(line for line in samples if line.startswith("| 2 | vae |"))
     assert vae_row.rstrip(" |").endswith("| 1 | 0")  # one diverged run counted, not averaged
     with open(tmp_path / "leaderboard.csv") as f:
         rows = list(csv.DictReader(f))
@@ -258,7 +265,7 @@ def test_leaderboard_skips_plots_it_has_no_data_for(tmp_path):
     (tmp_path / "samples.png").write_bytes(b"stale")
     leaderboard_main([str(tmp_path)])
     assert not any((tmp_path / n).exists() for n in ("fid_vs_elbo.png", "gaussianity.png", "samples.png"))
-    assert "Ranked by elbo" in (tmp_path / "leaderboard.md").read_text()
+    assert "### Likelihood, ranked by elbo ↑" in (tmp_path / "leaderboard.md").read_text()
 
 
 def _references(path: Path, protocol: dict, unsure=()):

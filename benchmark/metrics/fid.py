@@ -255,8 +255,33 @@ def inception_feature_extractor(weights_path: str | Path | None = None) -> Featu
     return TorchFidelityInceptionV3(weights_path)
 
 
+def gaussian_blur(x: Tensor, sigma: float) -> Tensor:
+    """Images (N, C, H, W) blurred by a Gaussian of standard deviation `sigma` pixels (kernel +-3 sigma)."""
+    from torchvision.transforms.functional import gaussian_blur as tv_blur
+
+    if sigma <= 0:
+        return x
+    size = 2 * math.ceil(3 * sigma) + 1
+    return tv_blur(x, [size, size], [sigma, sigma])
+
+
+AUGMENTATIONS = ("none", "intensity")
+
+
+def _augment(x: Tensor, kind: str, generator: torch.Generator) -> Tensor:
+    """``intensity``: each image's strokes scaled by a factor drawn from U(0.3, 1) (dimming, lower contrast).
+
+    A classifier that has seen dim digits classifies them by shape, so its features no longer move with the
+    stroke brightness: a dimmed but legible sample scores as mild, while blur and noise, which destroy shape,
+    still register."""
+    if kind == "none":
+        return x
+    scale = torch.empty(len(x), 1, 1, 1).uniform_(0.3, 1.0, generator=generator)  # (B, 1, 1, 1)
+    return x * scale.to(x)
+
+
 def _train_domain_classifier(images: Tensor, labels: Tensor, *, epochs: int, min_steps: int, batch_size: int,
-                             val_fraction: float, seed: int) -> tuple[DomainClassifier, dict]:
+                             val_fraction: float, seed: int, augment: str = "none") -> tuple[DomainClassifier, dict]:
     """Adam on cross-entropy; the last `val_fraction` of a seeded permutation is held out for accuracy."""
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(images), generator=generator)
@@ -273,7 +298,8 @@ def _train_domain_classifier(images: Tensor, labels: Tensor, *, epochs: int, min
     for _ in range(epochs):
         shuffled = train_idx[torch.randperm(len(train_idx), generator=generator)]
         for batch in shuffled.split(batch_size):
-            loss = nn.functional.cross_entropy(classifier(images[batch]), labels[batch])
+            x = _augment(images[batch], augment, generator)
+            loss = nn.functional.cross_entropy(classifier(x), labels[batch])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -288,14 +314,17 @@ def _train_domain_classifier(images: Tensor, labels: Tensor, *, epochs: int, min
 @register_feature_extractor("domain")
 def domain_feature_extractor(dataset: str, train_images: Tensor, train_labels: Tensor, *,
                              cache_dir: str | Path | None = None, epochs: int = 3, min_steps: int = 1000,
-                             batch_size: int = 128, val_fraction: float = 0.1,
-                             seed: int = 0) -> DomainFeatureExtractor:
+                             batch_size: int = 128, val_fraction: float = 0.1, seed: int = 0,
+                             augment: str = "intensity") -> DomainFeatureExtractor:
     """A `DomainClassifier` trained once on (train_images, train_labels) and cached by (dataset, checksum).
 
     The checksum covers the data and the training recipe, so a change of either trains a new network.
+    `augment` (see `_augment`) is chosen by ``python -m benchmark.perf.extractor_check``.
     """
+    if augment not in AUGMENTATIONS:
+        raise UsageError(f"unknown domain extractor augmentation {augment!r}; choose one of {AUGMENTATIONS}")
     recipe = {"arch": "conv32-pool-conv64-pool-maxpool4-fc128/v1", "epochs": epochs, "min_steps": min_steps,
-              "batch_size": batch_size, "val_fraction": val_fraction, "seed": seed}
+              "batch_size": batch_size, "val_fraction": val_fraction, "seed": seed, "augment": augment}
     checksum = tensors_checksum(train_images, train_labels)
     key = hashlib.sha256(f"{checksum}|{json.dumps(recipe, sort_keys=True)}".encode()).hexdigest()[:16]
     path = fid_cache_dir(cache_dir) / f"domain-{dataset}-{key}.pt"
@@ -307,7 +336,7 @@ def domain_feature_extractor(dataset: str, train_images: Tensor, train_labels: T
     else:
         classifier, meta = _train_domain_classifier(
             train_images.float().cpu(), train_labels.long().cpu(), epochs=epochs, min_steps=min_steps,
-            batch_size=batch_size, val_fraction=val_fraction, seed=seed)
+            batch_size=batch_size, val_fraction=val_fraction, seed=seed, augment=augment)
         meta = {"dataset": dataset, "data_checksum": checksum, "in_channels": train_images.shape[1],
                 "image_size": list(train_images.shape[2:]), **recipe, **meta, "torch": str(torch.__version__)}
         _atomic_save({"state_dict": classifier.state_dict(), "meta": meta}, path)
@@ -406,6 +435,20 @@ def reference_statistics(dataset: str, test_images: Tensor, extractor: FeatureEx
     stats = images_to_reference_statistics(test_images, extractor, batch_size)
     stats.save(path, dataset=dataset, extractor=extractor.tag, data_checksum=checksum)
     return stats
+
+
+def reference_features(dataset: str, test_images: Tensor, extractor: FeatureExtractor, *,
+                       cache_dir: str | Path | None = None, batch_size: int = 500) -> Tensor:
+    """Features (N, F) float32 of a test split, cached beside its reference statistics: KID and
+    precision/recall need the points themselves, not sums."""
+    checksum = tensors_checksum(test_images)
+    path = fid_cache_dir(cache_dir) / f"features-{dataset}-{extractor.tag}-{checksum[:16]}.pt"
+    if path.exists():
+        return torch.load(path, map_location="cpu", weights_only=True)["features"]
+    features = images_to_features(test_images, extractor.to(test_images.device), batch_size).float().cpu()
+    _atomic_save({"features": features, "meta": {"dataset": dataset, "extractor": extractor.tag,
+                                                 "data_checksum": checksum}}, path)
+    return features
 
 
 @torch.no_grad()

@@ -40,6 +40,23 @@ NLL_IW_BPD = NLL_IW + BPD_SUFFIX
 FID_PRIOR = "fid_prior"
 FID_GMM = "fid_gmm"
 FID_RECON = "fid_recon"
+# Beside each FID, in the same features standardised by the test split's: KID (unbiased MMD^2, cubic kernel)
+# and precision / recall (k-NN manifolds, k = 3).
+KID_PRIOR = "kid_prior"
+KID_GMM = "kid_gmm"
+KID_RECON = "kid_recon"
+PRECISION_PRIOR = "precision_prior"
+RECALL_PRIOR = "recall_prior"
+PRECISION_GMM = "precision_gmm"
+RECALL_GMM = "recall_gmm"
+PRECISION_RECON = "precision_recon"
+RECALL_RECON = "recall_recon"
+# The sample-quality keys of each sample source, by the name of the value in `SampleQuality.compute()`.
+SAMPLE_QUALITY = {
+    FID_PRIOR: {"fid": FID_PRIOR, "kid": KID_PRIOR, "precision": PRECISION_PRIOR, "recall": RECALL_PRIOR},
+    FID_GMM: {"fid": FID_GMM, "kid": KID_GMM, "precision": PRECISION_GMM, "recall": RECALL_GMM},
+    FID_RECON: {"fid": FID_RECON, "kid": KID_RECON, "precision": PRECISION_RECON, "recall": RECALL_RECON},
+}
 
 # Latent Gaussianity of the aggregate posterior.
 GAUSS_KL = "gauss_kl"
@@ -67,7 +84,9 @@ HIGHER_IS_BETTER = {
     ELBO: True, DISTORTION: False, RATE: None, ELBO_EXPOST: True, NLL_IW: False,
     **{nll_iw_k(k): False for k in IW_LADDER},
     ELBO_BPD: False, ELBO_EXPOST_BPD: False, ELBO_POSTHOC_BPD: False, NLL_IW_BPD: False,
-    FID_PRIOR: False, FID_GMM: False, FID_RECON: False,
+    FID_PRIOR: False, FID_GMM: False, FID_RECON: False, KID_PRIOR: False, KID_GMM: False, KID_RECON: False,
+    PRECISION_PRIOR: True, RECALL_PRIOR: True, PRECISION_GMM: True, RECALL_GMM: True,
+    PRECISION_RECON: True, RECALL_RECON: True,
     GAUSS_KL: False, GAUSS_KL_NULL: None, GAUSS_MMD: False, GAUSS_SWD: False, MARDIA_SKEW: False, MARDIA_KURT: False,
     MARDIA_SKEW_P: None, MARDIA_KURT_P: None, HZ_STAT: False, HZ_P: None, KS_FRAC: True,
     PRIOR_HOLES: False, KNN_KL: False, ACTIVE_UNITS: True, TOTAL_CORRELATION: False,
