@@ -552,8 +552,22 @@ def reproduction_rows(groups: Sequence[Group], references: Sequence[dict]) -> li
 # Outputs: markdown, CSV, plots
 # ----------------------------------------------------------------------------------------------------------------
 
-def _header(name: str) -> str:
-    return name + {True: " ↑", False: " ↓"}.get(K.HIGHER_IS_BETTER.get(name), "")
+# The posterior each ELBO key is of, named in its column (the same number was unmarked for deterministic
+# encoders in older records, where ``elbo`` and ``elbo_expost`` coincided).
+POSTERIOR_OF = {K.ELBO: "encoder's q", K.ELBO_BPD: "encoder's q", K.DISTORTION: "encoder's q",
+                K.ELBO_POSTHOC: "post-hoc q", K.ELBO_POSTHOC_BPD: "post-hoc q", K.DISTORTION_POSTHOC: "post-hoc q",
+                K.ELBO_EXPOST: "ex-post q"}
+
+
+def _header(name: str, table: Sequence[Group] = ()) -> str:
+    """A column's name, what it is of (the posterior of an ELBO, the K of ``nll_iw`` where the table's runs
+    share one), and its direction."""
+    note = POSTERIOR_OF.get(name)
+    if name in (K.NLL_IW, K.NLL_IW_BPD):
+        ks = {str(g.protocol.get("iw_samples")) for g in table if g.protocol.get("iw_samples") is not None}
+        note = f"K={ks.pop()}" if len(ks) == 1 else None
+    label = f"{name} ({note})" if note else name
+    return label + {True: " ↑", False: " ↓"}.get(K.HIGHER_IS_BETTER.get(name), "")
 
 
 def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -611,8 +625,9 @@ def leaderboard_markdown(groups: Sequence[Group], references: Sequence[dict] = (
             if not cols and title != "Likelihood":  # the likelihood table always shows the runs' counts
                 continue
             family = primary_keys(table, title) if title in PRIMARY else None
+            family = family and [k for k in family if any(k in g.stats for g in table)]  # the keys it ranks on
             if family:
-                title += f", ranked by {_header(family[0])}" + (
+                title += f", ranked by {_header(family[0], table)}" + (
                     f" ({', '.join(family[1:])} where it is missing)" if len(family) > 1 else "")
             elif title in PRIMARY:
                 title += ", unranked (no variant reports its metric)"
@@ -621,7 +636,8 @@ def leaderboard_markdown(groups: Sequence[Group], references: Sequence[dict] = (
             lines += [f"### {title}", ""]
             rows = [[str(i), g.variant, *[g.stats[k].cell() if k in g.stats else "–" for k in cols],
                      str(g.n_diverged), str(g.n_failed)] for i, g in enumerate(ordered, 1)]
-            lines += _md_table(["rank", "variant", *map(_header, cols), "diverged", "failed"], rows) + [""]
+            lines += _md_table(["rank", "variant", *(_header(k, table) for k in cols), "diverged", "failed"],
+                               rows) + [""]
         running = sum(g.n_running for g in table)
         if running:
             lines += [f"{running} run(s) still running, not counted.", ""]

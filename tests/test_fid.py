@@ -175,11 +175,26 @@ def test_domain_extractor_is_cached_by_checksum_and_trained_deterministically(di
 
 def test_the_augmentation_is_part_of_the_cache_key(digits, tmp_path):
     images, labels = digits
-    plain = fid.domain_feature_extractor("digits", images, labels, cache_dir=tmp_path, augment="none", **TRAINING)
-    dimmed = fid.domain_feature_extractor("digits", images, labels, cache_dir=tmp_path, **TRAINING)
+    plain = fid.domain_feature_extractor("digits", images, labels, cache_dir=tmp_path, augment="none",
+                                         normalize=False, **TRAINING)
+    dimmed = fid.domain_feature_extractor("digits", images, labels, cache_dir=tmp_path, augment="intensity",
+                                          normalize=False, **TRAINING)
     assert plain.tag != dimmed.tag and (plain.meta["augment"], dimmed.meta["augment"]) == ("none", "intensity")
     with pytest.raises(UsageError, match="augmentation"):
         fid.domain_feature_extractor("digits", images, labels, cache_dir=tmp_path, augment="blurry", **TRAINING)
+
+
+def test_a_max_normalised_extractor_sees_a_dimmed_digit_as_the_digit(digits, tmp_path):
+    images, labels = digits
+    plain = fid.domain_feature_extractor("digits", images, labels, cache_dir=tmp_path, normalize=False, **TRAINING)
+    normed = fid.domain_feature_extractor("digits", images, labels, cache_dir=tmp_path, **TRAINING)  # the default
+    assert normed.tag != plain.tag and normed.meta["normalize"] is True
+    x = images[:16]
+    assert torch.allclose(normed(0.6 * x), normed(x), atol=1e-5)  # dimming is invisible to it by construction
+    assert not torch.allclose(plain(0.6 * x), plain(x), atol=1e-2)
+    assert not torch.allclose(normed(fid.gaussian_blur(x, 1.0)), normed(x), atol=1e-2)  # blur is not
+    reloaded = fid.domain_feature_extractor("digits", images, labels, cache_dir=tmp_path, **TRAINING)
+    assert torch.equal(reloaded(x), normed(x))
 
 
 def test_reference_features_are_cached_and_equal_the_extracted_ones(domain_extractor, digits, tmp_path,

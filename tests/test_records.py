@@ -244,8 +244,8 @@ def test_leaderboard_writes_markdown_csv_and_plots(tmp_path, capsys):
     md = leaderboard_main([str(tmp_path)])
     assert md == tmp_path / "leaderboard.md" and str(md) in capsys.readouterr().out
     text = md.read_text()
-    assert "fid_prior ↓" in text and "elbo ↑" in text
-    assert "### Samples, ranked by fid_prior ↓" in text and "### Likelihood, ranked by elbo ↑" in text
+    assert "fid_prior ↓" in text and "elbo (encoder's q) ↑" in text
+    assert "### Samples, ranked by fid_prior ↓" in text and "### Likelihood, ranked by elbo (encoder's q) ↑" in text
     samples = text.split("### Samples")[1].split("###")[0].splitlines()
     rows = [line for line in samples if line.startswith("| 1 |") or line.startswith("| 2 |")]
     assert "wae_mmd" in rows[0] and "16 ± " in rows[0] and "(3)" in rows[0]
@@ -265,7 +265,7 @@ def test_leaderboard_skips_plots_it_has_no_data_for(tmp_path):
     (tmp_path / "samples.png").write_bytes(b"stale")
     leaderboard_main([str(tmp_path)])
     assert not any((tmp_path / n).exists() for n in ("fid_vs_elbo.png", "gaussianity.png", "samples.png"))
-    assert "### Likelihood, ranked by elbo ↑" in (tmp_path / "leaderboard.md").read_text()
+    assert "### Likelihood, ranked by elbo (encoder's q) ↑" in (tmp_path / "leaderboard.md").read_text()
 
 
 def _references(path: Path, protocol: dict, unsure=()):

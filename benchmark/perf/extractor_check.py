@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from benchmark.data import LatentDataModule
-from benchmark.metrics.fid import (AUGMENTATIONS, build_feature_extractor, frechet_distance, gaussian_blur,
+from benchmark.metrics.fid import (RECIPES, build_feature_extractor, frechet_distance, gaussian_blur,
                                    images_to_features, images_to_reference_statistics)
 from benchmark.metrics.sample_quality import sample_quality_from_features
 
@@ -86,7 +86,7 @@ def monotone(results: list[dict]) -> dict[str, dict[str, bool]]:
 
 
 def markdown(recipe: str, meta: dict, results: list[dict], verdict: dict, seconds: float) -> list[str]:
-    lines = [f"### augment = {recipe}", "",
+    lines = [f"### recipe = {recipe}", "",
              f"Validation accuracy {meta['val_accuracy']:.4f}; trained in {meta.get('train_seconds', '?')} s "
              f"(cached network tag in the record's protocol); this table took {seconds:.0f} s.", "",
              "| set | FID ↓ | KID ↓ | precision ↑ | recall ↑ |", "|---|---|---|---|---|"]
@@ -102,8 +102,8 @@ def markdown(recipe: str, meta: dict, results: list[dict], verdict: dict, second
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True, help="mnist.pkl.gz (or a torchvision MNIST folder)")
-    parser.add_argument("--recipes", nargs="+", default=list(AUGMENTATIONS), choices=AUGMENTATIONS,
-                        help="domain extractor augmentations to compare")
+    parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=RECIPES,
+                        help="domain extractor recipes to compare")
     parser.add_argument("--n", type=int, default=5000, help="images per set (default: half the test split)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache-dir", default=None, help="extractor cache (default: $LATENT_BENCH_CACHE)")
@@ -122,14 +122,14 @@ def main(argv=None) -> None:
     sections = []
     for recipe in args.recipes:
         extractor = build_feature_extractor("domain", dataset="mnist", train_images=x_train, train_labels=y_train,
-                                            cache_dir=args.cache_dir, augment=recipe)
+                                            cache_dir=args.cache_dir, **RECIPES[recipe])
         start = time.perf_counter()
         results = measure(extractor, x_test[reference], rows, args.seed)
         verdict = monotone(results)
         section = markdown(recipe, extractor.meta, results, verdict, time.perf_counter() - start)
         print("\n".join(section))  # each table as soon as it is measured: a table takes minutes on a busy CPU
         sections += section
-        print(f"augment={recipe} ({extractor.tag}):")
+        print(f"recipe={recipe} ({extractor.tag}):")
         for family, ok in verdict.items():
             print(f"  {family:6s} " + "  ".join(f"{m}={'monotone' if ok[m] else 'NOT monotone'}" for m in METRICS))
 
