@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from benchmark.metrics import fid
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 SHARED = REPO.parent / "shared"
@@ -71,3 +73,16 @@ def workdir(tmp_path, monkeypatch) -> Path:
     work.mkdir()
     monkeypatch.chdir(work)
     return work
+
+
+class FlattenFeatures(fid.FeatureExtractor):
+    """Images (N, F, 1, 1) are their own features, so a test sets the feature distribution directly."""
+
+    tag = "flatten"
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, x):
+        return x.flatten(1)  # (N, F)

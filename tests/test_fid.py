@@ -16,23 +16,11 @@ import torch.multiprocessing as mp
 
 from benchmark.errors import UsageError
 from benchmark.metrics import fid
+from conftest import FlattenFeatures
 
 SHARED = Path(__file__).parents[1].parent / "shared"
 INCEPTION_TORCHSCRIPT = SHARED / "models" / fid.INCEPTION_TORCHSCRIPT_FILE
 TORCH_FIDELITY_WEIGHTS = Path(torch.hub.get_dir()) / "checkpoints" / "weights-inception-2015-12-05-6726825d.pth"
-
-
-class FlattenFeatures(fid.FeatureExtractor):
-    """Images (N, F, 1, 1) are their own features, so a test sets the feature distribution directly."""
-
-    tag = "flatten"
-
-    def __init__(self, num_features: int):
-        super().__init__()
-        self.num_features = num_features
-
-    def forward(self, x):
-        return x.flatten(1)  # (N, F)
 
 
 def frechet_reference(mu1, sigma1, mu2, sigma2) -> float:

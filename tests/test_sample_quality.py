@@ -12,19 +12,7 @@ import torch.multiprocessing as mp
 
 from benchmark.metrics import fid
 from benchmark.metrics import sample_quality as sq
-
-
-class FlattenFeatures(fid.FeatureExtractor):
-    """Images (N, F, 1, 1) are their own features, so a test sets the feature distribution directly."""
-
-    tag = "flatten"
-
-    def __init__(self, num_features: int):
-        super().__init__()
-        self.num_features = num_features
-
-    def forward(self, x):
-        return x.flatten(1)  # (N, F)
+from conftest import FlattenFeatures
 
 
 def gaussian(n, d=8, shift=0.0, seed=0):
