@@ -264,6 +264,16 @@ class Group:
     samples: str | None = None  # the sample grid of the finished run with the smallest seed
 
 
+def record_metrics(record: dict) -> dict:
+    """A record's metrics as the tables read them. Records written before the post-hoc posterior held, for a
+    deterministic encoder, the ex-post posterior's ELBO, distortion and rate under the encoder's keys too
+    (``elbo`` = ``elbo_expost``): those three are left out, so no column calls them the encoder's."""
+    metrics = record.get("metrics") or {}
+    if K.ELBO_EXPOST in metrics:
+        return {k: v for k, v in metrics.items() if k not in (K.ELBO, K.DISTORTION, K.RATE)}
+    return metrics
+
+
 def aggregate(records: Iterable[dict], metrics: Sequence[str] | None = None) -> list[Group]:
     """Group records by (study, dataset, variant) and summarise each metric over the finished seeds.
 
@@ -283,9 +293,9 @@ def aggregate(records: Iterable[dict], metrics: Sequence[str] | None = None) -> 
                   n_running=sum(r.get("status") == "running" for r in rs),
                   protocol=_common([r.get("protocol") or {} for r in finished]),
                   samples=next((r["samples"] for r in finished if r.get("samples")), None))
-        names = metrics or sorted({k for r in finished for k in (r.get("metrics") or {})}, key=_metric_order)
+        names = metrics or sorted({k for r in finished for k in record_metrics(r)}, key=_metric_order)
         for name in names:
-            stat = summarize((r.get("metrics") or {}).get(name) for r in finished)
+            stat = summarize(record_metrics(r).get(name) for r in finished)
             if stat is not None:
                 g.stats[name] = stat
         groups.append(g)
@@ -400,7 +410,7 @@ def paired_differences(records: Iterable[dict], reference: str = REFERENCE_VARIA
         if r.get("status") != "finished":
             continue
         by_metric = values.setdefault((str(r.get("study")), str(r.get("dataset")), str(r.get("variant"))), {})
-        for name, v in (r.get("metrics") or {}).items():
+        for name, v in record_metrics(r).items():
             by_metric.setdefault(name, {})[r.get("seed")] = v
     rows = []
     for (study, dataset, variant), by_metric in sorted(values.items()):

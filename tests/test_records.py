@@ -339,3 +339,15 @@ def test_bad_results_dir_is_a_usage_error(tmp_path):
     (tmp_path / "references.yaml").write_text("references: 3\n")
     with pytest.raises(UsageError, match="references"):
         leaderboard_main([str(tmp_path)])
+
+
+def test_an_old_deterministic_record_shows_its_ex_post_elbo_under_that_name_only():
+    """Before the post-hoc posterior a deterministic encoder's record held the ex-post ELBO as ``elbo`` too:
+    no column may call that number the encoder's own."""
+    old = [record("ae", s, elbo=-120.0 + s, elbo_expost=-120.0 + s, distortion=80.0, rate=40.0, nll_iw=110.0)
+           for s in range(2)]
+    new = [record("vae", s, elbo=-100.0 + s, distortion=80.0, rate=20.0, nll_iw=95.0) for s in range(2)]
+    groups = {g.variant: g for g in aggregate(old + new)}
+    assert set(groups["ae"].stats) == {"elbo_expost", "nll_iw"}
+    assert groups["ae"].stats["elbo_expost"].mean == pytest.approx(-119.5)
+    assert {"elbo", "distortion", "rate"} <= set(groups["vae"].stats)
