@@ -694,31 +694,37 @@ def _errorbar(stat: Stat) -> float:
 
 
 def plot_fid_vs_elbo(groups: Sequence[Group], path: str | Path) -> Path | None:
-    """FID of prior samples against the post-hoc ELBO (in older records the ELBO, else the ex-post one), one
-    panel per (study, dataset), 95% CI bars. None if no group has both."""
+    """The sample table's ranking metric of prior samples (KID; FID in older records) against the ELBO (the
+    post-hoc one; in older records the encoder's, hollow where it is the ex-post one), one panel per (study,
+    dataset), 95% CI bars. None if no group has both."""
     from matplotlib.figure import Figure
 
     panels = {}
     for (study, dataset), table in _tables(groups).items():
+        family = primary_keys(table, "Samples") or ()
+        sample_key = next((k for k in family if any(k in g.stats for g in table)), None)
         pts = []
         for g in table:
             elbo_key = next((k for k in (K.ELBO_POSTHOC, K.ELBO, K.ELBO_EXPOST) if k in g.stats), None)
-            if K.FID_PRIOR in g.stats and elbo_key:
+            if sample_key in g.stats and elbo_key:
                 pts.append((g, elbo_key))
         if pts:
-            panels[(study, dataset)] = pts
+            panels[(study, dataset)] = sample_key, pts
     if not panels:
         return None
     fig = Figure(figsize=(5 * len(panels), 4), constrained_layout=True)
-    for ax, ((study, dataset), pts) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels.items()):
+    for ax, ((study, dataset), (sample_key, pts)) in zip(fig.subplots(1, len(panels), squeeze=False)[0],
+                                                         panels.items()):
         for g, elbo_key in pts:
-            x, y = g.stats[elbo_key], g.stats[K.FID_PRIOR]
+            x, y = g.stats[elbo_key], g.stats[sample_key]
             hollow = elbo_key == K.ELBO_EXPOST
             ax.errorbar(x.mean, y.mean, xerr=_errorbar(x), yerr=_errorbar(y), fmt="o", capsize=3,
                         mfc="none" if hollow else None)
             ax.annotate(g.variant, (x.mean, y.mean), textcoords="offset points", xytext=(4, 4), fontsize=8)
-        ax.set(title=f"{study} / {dataset}", xlabel="ELBO (nats; post-hoc posterior; hollow: ex-post) →",
-               ylabel="FID of prior samples ↓")
+        posthoc = any(elbo_key == K.ELBO_POSTHOC for _, elbo_key in pts)
+        xlabel = "ELBO of the post-hoc posterior (nats) →" if posthoc else \
+            "ELBO (nats; the encoder's; hollow: ex-post) →"
+        ax.set(title=f"{study} / {dataset}", xlabel=xlabel, ylabel=f"{_header(sample_key)} of prior samples")
     return _save(fig, Path(path))
 
 
