@@ -98,7 +98,26 @@ def test_values_equal_torch_fidelitys_own_on_the_standardised_features():
 def test_standardisation_keeps_dead_features_finite():
     real = torch.cat([gaussian(100), torch.zeros(100, 1, dtype=torch.float64)], 1)
     fake = torch.cat([gaussian(100, seed=1), torch.ones(100, 1, dtype=torch.float64)], 1)
-    assert torch.isfinite(sq.standardize(fake, real)).all() and (sq.standardize(fake, real)[:, -1] == 1).all()
+    assert torch.isfinite(sq.standardize(fake, real)).all()
+    assert sq.standardize(real, real).pow(2).mean() == pytest.approx(1.0, rel=0.02)  # one scale: unit mean variance
+
+
+def test_a_nearly_dead_real_feature_does_not_dominate_kid():
+    """A feature active in 1 of 1000 real images is a real feature of the data, not a unit of measurement: a
+    sample set that lights it up moderately must not score worse than one shifted in every feature."""
+    d = 8
+    real = gaussian(1000, d=d, seed=0)
+    rare = torch.zeros(1000, 1, dtype=torch.float64)
+    rare[0] = 0.1  # its standard deviation is 0.003
+    real = torch.cat([real, rare], 1)
+    lit = torch.cat([gaussian(1000, d=d, seed=1), torch.full((1000, 1), 0.3, dtype=torch.float64)], 1)
+    shifted = torch.cat([gaussian(1000, d=d, shift=0.5, seed=2), torch.zeros(1000, 1, dtype=torch.float64)], 1)
+
+    def kid(fake):
+        return sq.kid_features_to_metric(sq.standardize(fake, real), sq.standardize(real, real), subsets=20)
+
+    assert kid(lit) < kid(shifted)
+    assert kid(lit) < 0.1  # per-feature scaling made this feature 100 standard deviations off: KID in the 1000s
 
 
 def _metric(reference_features, capacity=10_000):

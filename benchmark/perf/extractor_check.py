@@ -137,8 +137,9 @@ def main(argv=None) -> None:
     head = ["# Extractor check: MNIST", "",
             f"`python -m benchmark.perf.extractor_check --data {args.data} --n {args.n} --seed {args.seed}`", "",
             f"Reference: {args.n} test images; each set: {args.n} other real images (test half and validation "
-            "split), corrupted as named. KID and precision/recall (k = 3) in the features standardised by the "
-            "reference's; KID averages 100 subsets of 1000.", ""]
+            "split), corrupted as named. KID and precision/recall (k = 3) in the features centred on the "
+            "reference's and divided by one scale (`sample_quality.standardize`); KID averages 100 subsets of 1000.",
+            ""]
     keep = []
     if out.is_file():  # the written verdict on which recipe was chosen survives a rerun of the tables
         text = out.read_text().split("## Choice", 1)
