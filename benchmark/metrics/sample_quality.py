@@ -14,9 +14,8 @@ The maths is torch-fidelity's (``kid_features_to_metric``, ``prc_features_to_met
 feature space (centred on the reference's mean and divided by one scale, the reference's root-mean-square
 feature standard deviation: the polynomial kernel's argument x.y / d is then O(1) whatever the extractor's
 activations; see ``standardize``) and a torchmetrics ``Metric`` whose buffer of generated features DDP
-gathers. torchmetrics' own
-``KernelInceptionDistance`` draws its subsets from the global RNG and keeps the real features per process,
-so it is neither seeded nor placed against a fixed, cached reference.
+gathers. torchmetrics' own ``KernelInceptionDistance`` draws its subsets from the global RNG and keeps the
+real features per process, so it is neither seeded nor placed against a fixed, cached reference.
 """
 
 from __future__ import annotations
@@ -64,7 +63,7 @@ def kid_features_to_metric(fake: Tensor, real: Tensor, subsets: int = KID_SUBSET
     # spinning threads made the 100 subsets 2.5x slower.
     with threadpool_limits(1):
         out = tf_kid(fake.double().cpu(), real.double().cpu(), kid_subsets=subsets, kid_subset_size=size,
-                 kid_kernel="poly", kid_kernel_poly_degree=3, kid_kernel_poly_gamma=None,
+                     kid_kernel="poly", kid_kernel_poly_degree=3, kid_kernel_poly_gamma=None,
                      kid_kernel_poly_coef0=1, rng_seed=seed, verbose=False)
     return out[KEY_METRIC_KID_MEAN]
 
