@@ -131,7 +131,7 @@ def test_reference_statistics_are_cached_and_equal_to_raw_images(domain_extracto
     real, fake = digits[0][:300], synthetic_digits(100, seed=4)[0]
     stats = fid.reference_statistics("digits", real, domain_extractor, cache_dir=tmp_path)
     assert len(list((tmp_path / "fid").glob(f"reference-digits-{domain_extractor.tag}-*.pt"))) == 1
-    monkeypatch.setattr(fid, "images_to_reference_statistics", lambda *a, **k: pytest.fail("recomputed"))
+    monkeypatch.setattr(fid, "features_to_reference_statistics", lambda *a, **k: pytest.fail("recomputed"))
     cached = fid.reference_statistics("digits", real, domain_extractor, cache_dir=tmp_path)
     assert cached.num_samples == stats.num_samples == 300
     assert torch.equal(cached.features_cov_sum, stats.features_cov_sum)
