@@ -363,4 +363,6 @@ class LatentDataModule(L.LightningDataModule):
         return self._loader("val")
 
     def test_dataloader(self):
-        return self._loader("test")
+        return self._loader(self.test_split)
+
+    test_split = "test"  # the split ``trainer.test`` evaluates: the evaluation's validation pass sets "val"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import lightning as L
 import numpy as np
@@ -22,8 +22,8 @@ from torch.distributions import Distribution, MultivariateNormal
 from benchmark.errors import UsageError
 from benchmark.latents import Delta, reparametrize
 from benchmark.metrics import keys
-from benchmark.metrics.fid import (FEATURE_EXTRACTORS, build_feature_extractor, reference_features,
-                                   reference_statistics)
+from benchmark.metrics.fid import (FEATURE_EXTRACTORS, build_feature_extractor,
+                                   features_to_reference_statistics, reference_features, reference_statistics)
 from benchmark.metrics.gaussianity import LatentGaussianity
 from benchmark.metrics.likelihood import (DISCRETE, LikelihoodBounds, bpd_metrics, elbo_terms, index_noise,
                                           iw_ladder, iw_log_weights, likelihood_kind)
@@ -125,9 +125,11 @@ class Evaluation(L.LightningModule):
 
     def __init__(self, model: LatentVariableModel, cfg: EvaluationConfig, posthoc: PosthocPosterior,
                  own_elbo: bool = True, extractor=None, reference=None, gmm=None, likelihood_kind: str = DISCRETE,
-                 levels: int | None = None, reference_features=None):
+                 levels: int | None = None, reference_features=None, battery: bool = True,
+                 sources: tuple[str, ...] = (keys.FID_PRIOR, keys.FID_RECON, keys.FID_GMM)):
         super().__init__()
         self.model, self.cfg, self.posthoc, self.own_elbo, self.gmm = model, cfg, posthoc, own_elbo, gmm
+        self.battery, self.sources = battery, sources  # the Gaussianity battery; the sample sets measured
         # what the likelihood values are of, and on how many levels: they set the bits/dim
         self.likelihood_kind, self.levels = likelihood_kind, levels or model.hparams.levels
         self.extractor, self.reference, self.reference_features = extractor, reference, reference_features
@@ -138,10 +140,10 @@ class Evaluation(L.LightningModule):
         # in shared memory, and both ranks would then add into the same metric states.
         self.own = LikelihoodBounds() if self.own_elbo else None  # the encoder's own ELBO
         self.bounds = LikelihoodBounds(self.cfg.iw_ks, suffix=keys.POSTHOC)
-        self.codes = LatentGaussianity(self.cfg.max_codes, self.cfg.seed)
+        self.codes = LatentGaussianity(self.cfg.max_codes, self.cfg.seed) if self.battery else None
         self.fid = nn.ModuleDict()
         if self.extractor is not None and self.cfg.fid_samples > 0:
-            names = [keys.FID_PRIOR, keys.FID_RECON] + ([keys.FID_GMM] if self.gmm is not None else [])
+            names = [k for k in self.sources if k != keys.FID_GMM or self.gmm is not None]
             # FID, KID, precision and recall of each sample source from one feature pass; the reconstructions'
             # buffer keeps the first fid_samples test images, like the prior's and the GMM's sample sets.
             self.fid.update({k: SampleQuality(self.extractor, self.reference, self.reference_features,
@@ -162,8 +164,9 @@ class Evaluation(L.LightningModule):
             log_px = iw_ladder(log_w, ks)  # (len(ks), B)
         self.bounds.update(distortion, rate, log_px)
 
-        z = reparametrize(q_model, eps)  # the codes the model itself would decode
-        self.codes.update(z, q_model.mean, index)  # a Delta's mean is its code
+        if self.codes is not None:
+            z = reparametrize(q_model, eps)  # the codes the model itself would decode
+            self.codes.update(z, q_model.mean, index)  # a Delta's mean is its code
         if keys.FID_RECON in self.fid:
             self.fid[keys.FID_RECON].update(self.model.decode(q_model.mean).mean.clamp(0, 1), index)
 
@@ -188,7 +191,8 @@ class Evaluation(L.LightningModule):
             results.update({k: float(v) for k, v in self.own.compute().items()})
         dims = math.prod(self.model.hparams.data_shape)
         results.update(bpd_metrics(results, dims, self.levels, self.likelihood_kind))
-        results.update(self.codes.compute())
+        if self.codes is not None:
+            results.update(self.codes.compute())
         for source, metric in self.fid.items():
             results.update({keys.SAMPLE_QUALITY[source][name]: v for name, v in metric.compute().items()})
         self.results = results
@@ -252,15 +256,46 @@ def evaluate(model: LatentVariableModel, datamodule, cfg: EvaluationConfig, make
     kind = likelihood_kind(model.likelihood.discrete, datamodule.hparams.dequantize)
     evaluation = Evaluation(model, cfg, posthoc, own_elbo, extractor, reference, gmm, likelihood_kind=kind,
                             levels=datamodule.levels, reference_features=features)
-    trainer = make_trainer(limit_test_batches=1.0)
-    trainer.test(evaluation, datamodule=datamodule, verbose=False)
+    results = _test(evaluation, datamodule, make_trainer)
     lap("test_pass_s")
-    results = evaluation.results or {k[len("test/"):]: float(v) for k, v in trainer.callback_metrics.items()
-                                     if k.startswith("test/")}
+    validation = validation_criteria(model, datamodule, cfg, posthoc, extractor, kind, make_trainer)
+    lap("validation_pass_s")
     protocol = {**asdict(cfg), "fid_reference": "test", "fid_image": "decoder mean",
                 "iw_ks": list(cfg.iw_ks), "elbo_posterior": "encoder",
                 "posthoc_posterior": "amortised full-covariance Gaussian from x, initialised at the encoder's own",
                 "nll_iw_proposal": "posthoc",
                 "likelihood_kind": kind, "levels": datamodule.levels, "dequantize": datamodule.hparams.dequantize,
                 "fid_extractor_meta": getattr(extractor, "meta", None) if extractor is not None else None}
-    return {"metrics": results, "protocol": protocol, "timings": timings}
+    return {"metrics": results, "validation": validation, "protocol": protocol, "timings": timings}
+
+
+def validation_criteria(model: LatentVariableModel, datamodule, cfg: EvaluationConfig, posthoc: PosthocPosterior,
+                        extractor, kind: str, make_trainer) -> dict[str, float]:
+    """What a study selects a variant's setting on, from the validation split alone: the post-hoc posterior's
+    ELBO (``elbo_posthoc``, the likelihood criterion) and KID, FID, precision and recall of prior samples
+    against the validation images (``kid_prior``, the sample criterion), from a sample set of its own
+    (seed + 1). The tuned tables then report test metrics of a setting chosen without looking at them."""
+    cfg = replace(cfg, iw_samples=0, seed=cfg.seed + 1)
+    features = reference = None
+    if extractor is not None:
+        name = f"{datamodule.hparams.dataset}-val"
+        images = datamodule.grey["val"][0]
+        features = reference_features(name, images, extractor, cache_dir=cfg.cache_dir)
+        reference = features_to_reference_statistics(features)
+    criteria = Evaluation(model, cfg, posthoc, own_elbo=False, extractor=extractor, reference=reference,
+                          likelihood_kind=kind, levels=datamodule.levels, reference_features=features,
+                          battery=False, sources=(keys.FID_PRIOR,))
+    datamodule.test_split = "val"
+    try:
+        return _test(criteria, datamodule, make_trainer)
+    finally:
+        datamodule.test_split = "test"
+
+
+def _test(evaluation: Evaluation, datamodule, make_trainer) -> dict[str, float]:
+    """``evaluation``'s results over the datamodule's test split (its ``test_split``). Spawned processes
+    return only what was logged (the finite values)."""
+    trainer = make_trainer(limit_test_batches=1.0)
+    trainer.test(evaluation, datamodule=datamodule, verbose=False)
+    return evaluation.results or {k[len("test/"):]: float(v) for k, v in trainer.callback_metrics.items()
+                                  if k.startswith("test/")}

@@ -41,6 +41,7 @@ from typing import Iterable, Sequence
 
 from benchmark.errors import UsageError
 from benchmark.metrics import keys as K
+from benchmark.selection import CRITERIA, UNTUNED, is_swept, select, setting_label, tuned_view, views
 
 try:
     import fcntl
@@ -262,6 +263,19 @@ class Group:
     n_running: int = 0
     protocol: dict = field(default_factory=dict)  # shared by its finished runs (MIXED where they differ)
     samples: str | None = None  # the sample grid of the finished run with the smallest seed
+    view: str | None = None     # the selection view (``benchmark.selection``) of a swept study
+    budget: int | None = None   # the study's budget (epochs) of a budget ladder
+    setting: str = ""           # the swept keys' values, e.g. "weight=10"
+    validation: dict[str, Stat] = field(default_factory=dict)  # the selection criteria over seeds
+
+    @property
+    def table(self) -> tuple:
+        """The table the group is a row of: (study, view, dataset, budget)."""
+        return self.study, self.view, self.dataset, self.budget
+
+    @property
+    def label(self) -> str:
+        return f"{self.variant} ({self.setting})" if self.setting else self.variant
 
 
 def record_metrics(record: dict) -> dict:
@@ -275,19 +289,22 @@ def record_metrics(record: dict) -> dict:
 
 
 def aggregate(records: Iterable[dict], metrics: Sequence[str] | None = None) -> list[Group]:
-    """Group records by (study, dataset, variant) and summarise each metric over the finished seeds.
+    """Group records by (study, view, dataset, budget, variant, setting) and summarise each metric over the
+    finished seeds.
 
     Diverged and failed runs are counted, never averaged; running ones are counted apart. ``metrics``
     restricts the summary to those keys (default: every key a finished record reports).
     """
     by_key: dict[tuple, list[dict]] = {}
     for r in records:
-        key = (str(r.get("study")), str(r.get("dataset")), str(r.get("variant")))
+        key = (str(r.get("study")), r.get("view") or "", str(r.get("dataset")), _budget_order(r.get("budget")),
+               str(r.get("variant")), setting_label(r))
         by_key.setdefault(key, []).append(r)
     groups = []
-    for (study, dataset, variant), rs in sorted(by_key.items()):
+    for (study, view, dataset, budget, variant, setting), rs in sorted(by_key.items()):
         finished = sorted((r for r in rs if r.get("status") == "finished"), key=_seed_order)
-        g = Group(study, dataset, variant, seeds=[r.get("seed") for r in finished],
+        g = Group(study, dataset, variant, view=view or None, budget=budget[1], setting=setting,
+                  seeds=[r.get("seed") for r in finished],
                   n_diverged=sum(r.get("status") == "diverged" for r in rs),
                   n_failed=sum(r.get("status") == "failed" for r in rs),
                   n_running=sum(r.get("status") == "running" for r in rs),
@@ -298,8 +315,16 @@ def aggregate(records: Iterable[dict], metrics: Sequence[str] | None = None) -> 
             stat = summarize(record_metrics(r).get(name) for r in finished)
             if stat is not None:
                 g.stats[name] = stat
+        for name in sorted({k for r in finished for k in r.get("validation") or {}}, key=_metric_order):
+            stat = summarize((r.get("validation") or {}).get(name) for r in finished)
+            if stat is not None:
+                g.validation[name] = stat
         groups.append(g)
     return groups
+
+
+def _budget_order(budget):
+    return (0, budget) if isinstance(budget, int) else (-1, None)
 
 
 def _seed_order(r):
@@ -343,11 +368,19 @@ def _ranked(groups: Sequence[Group]) -> list[Group]:
     return [g for table in _tables(groups).values() for g in table]
 
 
-def _tables(groups: Sequence[Group]) -> dict[tuple[str, str], list[Group]]:
-    tables: dict[tuple[str, str], list[Group]] = {}
+def _tables(groups: Sequence[Group]) -> dict[tuple, list[Group]]:
+    """The ranked groups of each table, by ``Group.table``."""
+    tables: dict[tuple, list[Group]] = {}
     for g in groups:
-        tables.setdefault((g.study, g.dataset), []).append(g)
+        tables.setdefault(g.table, []).append(g)
     return {k: rank(v) for k, v in tables.items()}
+
+
+def _title(table: tuple) -> str:
+    """A table's heading: ``study / dataset[ / N epochs][ — view]``."""
+    study, view, dataset, budget = table
+    return f"{study} / {dataset}" + (f" / {budget} epochs" if budget is not None else "") + (
+        f" — {view}" if view else "")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -400,27 +433,38 @@ class PairedRow:
     reference: str
     metric: str
     diff: PairedDiff
+    view: str | None = None
+    budget: int | None = None
+
+    @property
+    def table(self) -> tuple:
+        return self.study, self.view, self.dataset, self.budget
 
 
 def paired_differences(records: Iterable[dict], reference: str = REFERENCE_VARIANT) -> list[PairedRow]:
-    """For every (study, dataset) with finished ``reference`` runs, every other variant and every metric key
-    that both report: the paired-by-seed difference variant - reference (``paired_difference``)."""
-    values: dict[tuple, dict] = {}  # (study, dataset, variant) -> {metric: {seed: value}}
+    """For every table (study, view, dataset, budget) with finished ``reference`` runs, every other variant
+    and every metric key that both report: the paired-by-seed difference variant - reference
+    (``paired_difference``). A view has one setting per variant; records without a view, more than one
+    setting of a variant would share its seeds, so those are told apart by their setting."""
+    values: dict[tuple, dict] = {}  # (table, variant, setting) -> {metric: {seed: value}}
     for r in records:
         if r.get("status") != "finished":
             continue
-        by_metric = values.setdefault((str(r.get("study")), str(r.get("dataset")), str(r.get("variant"))), {})
+        table = (str(r.get("study")), r.get("view"), str(r.get("dataset")), r.get("budget"))
+        by_metric = values.setdefault((table, str(r.get("variant")), setting_label(r)), {})
         for name, v in record_metrics(r).items():
             by_metric.setdefault(name, {})[r.get("seed")] = v
     rows = []
-    for (study, dataset, variant), by_metric in sorted(values.items()):
-        ref = values.get((study, dataset, reference))
-        if variant == reference or ref is None:
+    for (table, variant, setting), by_metric in sorted(values.items(), key=lambda kv: str(kv[0])):
+        refs = [v for (t, var, _), v in values.items() if t == table and var == reference]
+        if variant == reference or len(refs) != 1:
             continue
-        for name in sorted(set(by_metric) & set(ref), key=_metric_order):
-            diff = paired_difference(by_metric[name], ref[name])
+        study, view, dataset, budget = table
+        for name in sorted(set(by_metric) & set(refs[0]), key=_metric_order):
+            diff = paired_difference(by_metric[name], refs[0][name])
             if diff is not None:
-                rows.append(PairedRow(study, dataset, variant, reference, name, diff))
+                rows.append(PairedRow(study, dataset, f"{variant} ({setting})" if setting else variant, reference,
+                                      name, diff, view, budget))
     return rows
 
 
@@ -435,18 +479,18 @@ def paired_markdown(rows: Sequence[PairedRow], groups: Sequence[Group] = ()) -> 
              f"Cells: mean of (variant - {reference}) over the seeds both finished ± 95% CI half-width "
              f"(Student t) (seeds where the difference has the sign of the mean / seeds paired). "
              f"With ↓ metrics a negative difference favours the variant, with ↑ ones a positive one.", ""]
-    order = {key: [g.variant for g in table] for key, table in _tables(groups).items()}
+    order = {key: [g.label for g in table] for key, table in _tables(groups).items()}
     tables: dict[tuple, dict[str, dict[str, PairedDiff]]] = {}
     for row in rows:
-        tables.setdefault((row.study, row.dataset), {}).setdefault(row.variant, {})[row.metric] = row.diff
-    for (study, dataset), by_variant in tables.items():
-        ranked = order.get((study, dataset), [])
+        tables.setdefault(row.table, {}).setdefault(row.variant, {})[row.metric] = row.diff
+    for key, by_variant in tables.items():
+        ranked = order.get(key, [])
         variants = sorted(by_variant, key=lambda v: (ranked.index(v) if v in ranked else len(ranked), v))
         present = sorted({k for cells in by_variant.values() for k in cells
                           if K.HIGHER_IS_BETTER.get(k, False) is not None}, key=_metric_order)
         if not present:
             continue
-        lines += [f"### {study} / {dataset}", ""]
+        lines += [f"### {_title(key)}", ""]
         for title, cols in (("", [k for k in HEADLINE_KEYS if k in present]),
                             ("Other metrics", [k for k in present if k not in HEADLINE_KEYS])):
             if not cols:
@@ -464,12 +508,12 @@ def write_paired_csv(rows: Sequence[PairedRow], path: str | Path) -> Path:
     out = io.StringIO()
     w = csv.writer(out)
     w.writerow(["study", "dataset", "variant", "reference", "metric", "mean", "std", "ci95", "n", "n_sign",
-                "seeds"])
+                "seeds", "view", "budget"])
     for r in rows:
         d = r.diff
         w.writerow([r.study, r.dataset, r.variant, r.reference, r.metric,
                     *["" if math.isnan(v) else repr(v) for v in (d.mean, d.std, d.ci95)], d.n, d.n_sign,
-                    " ".join(map(str, d.seeds))])
+                    " ".join(map(str, d.seeds)), r.view or "", "" if r.budget is None else r.budget])
     _atomic_write(Path(path), out.getvalue())
     return Path(path)
 
@@ -614,24 +658,26 @@ def _protocol_lines(table: Sequence[Group]) -> list[str]:
     if ks is not None:
         lines.append(f"`nll_iw` is -log p(x) by importance sampling at the largest K of {ks} (`nll_iw_k<K>` at "
                      f"each), with the post-hoc posterior as proposal. `elbo_posthoc`: the ELBO of one post-hoc "
-                     f"posterior family fitted alike to every decoder (an amortised diagonal Gaussian from x, "
+                     f"posterior family fitted alike to every decoder (an amortised full-covariance Gaussian from x, "
                      f"started at the encoder's); `elbo`: the encoder's own posterior (stochastic encoders only).")
     return lines + [""] if lines else []
 
 
 def leaderboard_markdown(groups: Sequence[Group], references: Sequence[dict] = (), plots: Sequence[str] = (),
-                         n_records: int = 0, paired: Sequence[PairedRow] = ()) -> str:
+                         n_records: int = 0, paired: Sequence[PairedRow] = (), selection: Sequence[str] = ()) -> str:
     lines = ["# Leaderboard", "",
              f"Computed from {n_records} run records. Cells: mean ± 95% CI half-width (Student t) (n seeds); "
              "↑ higher is better, ↓ lower is better. Diverged and failed runs are counted, not averaged.", ""]
-    for (study, dataset), table in _tables(groups).items():
-        lines += [f"## {study} / {dataset}", ""]
+    lines += selection
+    for key, table in _tables(groups).items():
+        lines += [f"## {_title(key)}", ""]
         present = sorted({k for g in table for k in g.stats}, key=_metric_order)
         headline = set(HEADLINE_KEYS)
         lines += _protocol_lines(table)
         panels = [(title, rank(table, title), [k for k in cols if k in present]) for title, cols in HEADLINE.items()]
         panels.append(("Latent space", table, [k for k in present if k not in headline]))
-        for title, ordered, cols in panels:
+        shown = VIEW_PANELS.get(key[1])  # a tuned view shows the tables of its own criterion
+        for title, ordered, cols in panels if shown is None else [p for p in panels if p[0] in shown]:
             if not cols and title != "Likelihood":  # the likelihood table always shows the runs' counts
                 continue
             family = primary_keys(table, title) if title in PRIMARY else None
@@ -644,13 +690,14 @@ def leaderboard_markdown(groups: Sequence[Group], references: Sequence[dict] = (
             else:
                 title += ", in the likelihood table's order"
             lines += [f"### {title}", ""]
-            rows = [[str(i), g.variant, *[g.stats[k].cell() if k in g.stats else "–" for k in cols],
+            rows = [[str(i), g.label, *[g.stats[k].cell() if k in g.stats else "–" for k in cols],
                      str(g.n_diverged), str(g.n_failed)] for i, g in enumerate(ordered, 1)]
             lines += _md_table(["rank", "variant", *(_header(k, table) for k in cols), "diverged", "failed"],
                                rows) + [""]
         running = sum(g.n_running for g in table)
         if running:
             lines += [f"{running} run(s) still running, not counted.", ""]
+    lines += rankings_markdown(groups)
     lines += paired_markdown(paired, groups)
     rows = reproduction_rows(groups, references)
     if rows:
@@ -667,21 +714,145 @@ def leaderboard_markdown(groups: Sequence[Group], references: Sequence[dict] = (
     return "\n".join(lines)
 
 
+ALL_SETTINGS = "all settings"
+# The tables each tuned view shows: those its criterion was chosen for (every table in the untuned view).
+VIEW_PANELS = {tuned_view("likelihood"): ("Likelihood", "Latent space"), tuned_view("samples"): ("Samples",)}
+
+
+def selection_markdown(sweep: Sequence[Group], records: Sequence[dict]) -> list[str]:
+    """The evidence of each selection: every setting of every swept study with its validation criteria over
+    seeds, and the views that chose it."""
+    if not sweep:
+        return []
+    chosen = {name: select(records, criterion) for name, criterion in CRITERIA.items()}
+    lines = ["## Selection on the validation split", "",
+             "Each variant's setting is chosen per budget on the validation split alone, by the mean over seeds "
+             "of one criterion: " + "; ".join(f"**{name}**: `{c}` {_arrow(c)}" for name, c in CRITERIA.items())
+             + ". A setting with a diverged or failed run is not chosen. The test metrics of the chosen settings "
+             "are the tuned tables below; `untuned` is the configured setting.", ""]
+    tables: dict[tuple, list[Group]] = {}
+    for g in sweep:
+        tables.setdefault((g.study, g.dataset, g.budget), []).append(g)
+    for (study, dataset, budget), table in tables.items():
+        lines += [f"### {_title((study, None, dataset, budget))}", ""]
+        rows = []
+        for g in table:
+            cell = (g.study, g.dataset, g.variant, str(g.budget))
+            picked = [name for name in CRITERIA if chosen[name].get(cell) == g.setting]
+            default = any(r.get("default_setting", True) and setting_label(r) == g.setting
+                          and (r.get("study"), r.get("dataset"), r.get("variant"), str(r.get("budget"))) == cell
+                          for r in records)
+            rows.append([g.variant, g.setting or "–",
+                         *[g.validation[c].cell() if c in g.validation else "–" for c in CRITERIA.values()],
+                         str(g.n_diverged + g.n_failed), ", ".join(picked + (["untuned"] if default else [])) or ""])
+        lines += _md_table(["variant", "setting", *(f"validation {c} {_arrow(c)}" for c in CRITERIA.values()),
+                            "diverged or failed", "chosen for"], rows) + [""]
+    return lines
+
+
+# The ranking metric of each criterion's tables, and the view tuned for it.
+RANKINGS = (("Likelihood", K.NLL_IW, "likelihood"), ("Samples", K.KID_PRIOR, "samples"))
+
+
+def _orders(groups: Sequence[Group]) -> dict[tuple, dict[tuple, list[str]]]:
+    """(study, dataset, metric) -> {(budget, tuned or untuned): variants best first by the mean}, for the
+    tables ranked by ``RANKINGS``' metrics."""
+    out: dict[tuple, dict[tuple, list[str]]] = {}
+    for key, table in _tables(groups).items():
+        study, view, dataset, budget = key
+        for title, metric, name in RANKINGS:
+            which = {tuned_view(name): "tuned", UNTUNED: "untuned", None: ""}.get(view)
+            ranked = [g.variant for g in rank(table, title) if metric in g.stats]
+            if which is not None and ranked:
+                out.setdefault((study, dataset, metric), {})[(budget, which)] = ranked
+    return out
+
+
+def _swaps(before: list[str], after: list[str]) -> list[str]:
+    """The pairs of variants in both orders whose order differs."""
+    common = [v for v in before if v in after]
+    return [f"{a}/{b}" for i, a in enumerate(common) for b in common[i + 1:] if after.index(a) > after.index(b)]
+
+
+def rankings_markdown(groups: Sequence[Group]) -> list[str]:
+    """Where a study has budgets or a sweep: each variant's rank by each ranking metric at every budget, tuned
+    and untuned, and which pairs change places between consecutive budgets and between tuned and untuned."""
+    lines = []
+    for (study, dataset, metric), orders in _orders(groups).items():
+        if len(orders) < 2:
+            continue
+        columns = sorted(orders, key=lambda c: (_budget_order(c[0]), c[1]))
+        variants = sorted({v for o in orders.values() for v in o},
+                          key=lambda v: min(o.index(v) if v in o else len(o) for o in orders.values()))
+        lines += [f"### {study} / {dataset}: rank by {metric} {_arrow(metric)}", ""]
+        header = [" ".join(x for x in (f"{b} epochs" if b is not None else "", w) if x) for b, w in columns]
+        rows = [[v, *[str(orders[c].index(v) + 1) if v in orders[c] else "–" for c in columns]] for v in variants]
+        lines += _md_table(["variant", *header], rows) + [""]
+        for which in ("tuned", "untuned", ""):
+            cols = [c for c in columns if c[1] == which]
+            for a, b in zip(cols, cols[1:]):
+                swaps = _swaps(orders[a], orders[b])
+                lines.append(f"- {which + ', ' if which else ''}{a[0]} → {b[0]} epochs: "
+                             + (f"{len(swaps)} pair(s) change places: {', '.join(swaps)}" if swaps else "same order"))
+        for budget in sorted({c[0] for c in columns}, key=_budget_order):
+            if (budget, "tuned") in orders and (budget, "untuned") in orders:
+                swaps = _swaps(orders[(budget, "untuned")], orders[(budget, "tuned")])
+                lines.append(f"- untuned → tuned{f' at {budget} epochs' if budget is not None else ''}: "
+                             + (f"{len(swaps)} pair(s) change places: {', '.join(swaps)}" if swaps else "same order"))
+        lines.append("")
+    return (["## Rankings across budgets and tuning", "",
+             "Ranks by the mean over seeds (the tables' CIs say which differences are resolved).", ""] + lines
+            if lines else [])
+
+
+def plot_budgets(groups: Sequence[Group], path: str | Path) -> Path | None:
+    """Each ranking metric against the budget, one line per variant (its tuned setting where the study
+    sweeps), 95% CI bars; one row of panels per (study, dataset). None without two budgets."""
+    from matplotlib.figure import Figure
+
+    series: dict[tuple, dict[str, list[tuple]]] = {}  # (study, dataset, metric) -> variant -> [(budget, stat)]
+    for g in groups:
+        for _, metric, name in RANKINGS:
+            if g.budget is not None and metric in g.stats and g.view in (None, tuned_view(name)):
+                series.setdefault((g.study, g.dataset, metric), {}).setdefault(g.variant, []).append(
+                    (g.budget, g.stats[metric]))
+    series = {k: v for k, v in series.items() if len({b for pts in v.values() for b, _ in pts}) > 1}
+    if not series:
+        return None
+    fig = Figure(figsize=(6 * len(series), 4.5), constrained_layout=True)
+    for ax, ((study, dataset, metric), by_variant) in zip(fig.subplots(1, len(series), squeeze=False)[0],
+                                                          series.items()):
+        for variant, pts in sorted(by_variant.items()):
+            pts.sort(key=lambda p: p[0])
+            ax.errorbar([b for b, _ in pts], [st.mean for _, st in pts], yerr=[_errorbar(st) for _, st in pts],
+                        marker="o", capsize=3, label=variant)
+        ax.set(title=f"{study} / {dataset}", xlabel="budget (epochs)", ylabel=f"{_header(metric)}")
+        ax.set_xticks(sorted({b for pts in by_variant.values() for b, _ in pts}))
+        ax.legend(fontsize=7, ncol=2)
+    return _save(fig, Path(path))
+
+
+def _arrow(name: str) -> str:
+    return {True: "↑", False: "↓"}.get(K.HIGHER_IS_BETTER.get(name), "")
+
+
 def write_csv(groups: Sequence[Group], path: str | Path) -> Path:
-    """Long format: one row per (study, dataset, variant, metric); NaN written as an empty cell."""
+    """Long format: one row per (study, dataset, variant, metric) of each view, budget and setting (test
+    metrics; the validation criteria as ``val/<key>``); NaN written as an empty cell."""
     out = io.StringIO()
     w = csv.writer(out)
-    w.writerow(["study", "dataset", "variant", "metric", "mean", "std", "ci95", "n"])
+    w.writerow(["study", "dataset", "variant", "metric", "mean", "std", "ci95", "n", "view", "budget", "setting"])
     for g in groups:
-        for name, s in g.stats.items():
+        for name, s in [*g.stats.items(), *((f"val/{k}", v) for k, v in g.validation.items())]:
             w.writerow([g.study, g.dataset, g.variant, name,
-                        *["" if math.isnan(v) else repr(v) for v in (s.mean, s.std, s.ci95)], s.n])
+                        *["" if math.isnan(v) else repr(v) for v in (s.mean, s.std, s.ci95)], s.n,
+                        g.view or "", "" if g.budget is None else g.budget, g.setting])
     _atomic_write(Path(path), out.getvalue())
     return Path(path)
 
 
 def _label(g: Group, many: bool) -> str:
-    return f"{g.study}/{g.dataset}/{g.variant}" if many else g.variant
+    return f"{_title(g.table)}: {g.label}" if many else g.label
 
 
 def _save(fig, path: Path) -> Path:
@@ -700,7 +871,7 @@ def plot_fid_vs_elbo(groups: Sequence[Group], path: str | Path) -> Path | None:
     from matplotlib.figure import Figure
 
     panels = {}
-    for (study, dataset), table in _tables(groups).items():
+    for key, table in _tables(groups).items():
         family = primary_keys(table, "Samples") or ()
         sample_key = next((k for k in family if any(k in g.stats for g in table)), None)
         pts = []
@@ -709,22 +880,21 @@ def plot_fid_vs_elbo(groups: Sequence[Group], path: str | Path) -> Path | None:
             if sample_key in g.stats and elbo_key:
                 pts.append((g, elbo_key))
         if pts:
-            panels[(study, dataset)] = sample_key, pts
+            panels[key] = sample_key, pts
     if not panels:
         return None
     fig = Figure(figsize=(5 * len(panels), 4), constrained_layout=True)
-    for ax, ((study, dataset), (sample_key, pts)) in zip(fig.subplots(1, len(panels), squeeze=False)[0],
-                                                         panels.items()):
+    for ax, (key, (sample_key, pts)) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels.items()):
         for g, elbo_key in pts:
             x, y = g.stats[elbo_key], g.stats[sample_key]
             hollow = elbo_key == K.ELBO_EXPOST
             ax.errorbar(x.mean, y.mean, xerr=_errorbar(x), yerr=_errorbar(y), fmt="o", capsize=3,
                         mfc="none" if hollow else None)
-            ax.annotate(g.variant, (x.mean, y.mean), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            ax.annotate(g.label, (x.mean, y.mean), textcoords="offset points", xytext=(4, 4), fontsize=8)
         posthoc = any(elbo_key == K.ELBO_POSTHOC for _, elbo_key in pts)
         xlabel = "ELBO of the post-hoc posterior (nats) →" if posthoc else \
             "ELBO (nats; the encoder's; hollow: ex-post) →"
-        ax.set(title=f"{study} / {dataset}", xlabel=xlabel, ylabel=f"{_header(sample_key)} of prior samples")
+        ax.set(title=_title(key), xlabel=xlabel, ylabel=f"{_header(sample_key)} of prior samples")
     return _save(fig, Path(path))
 
 
@@ -737,7 +907,7 @@ def plot_gaussianity(groups: Sequence[Group], path: str | Path) -> Path | None:
     names = [k for k in GAUSSIANITY_PANEL if any(k in g.stats for g in groups)]
     if not names:
         return None
-    many = len({(g.study, g.dataset) for g in groups}) > 1
+    many = len({g.table for g in groups}) > 1
     cols = min(3, len(names))
     rows = math.ceil(len(names) / cols)
     fig = Figure(figsize=(5 * cols, 0.3 * len(groups) * rows + 2 * rows), constrained_layout=True)
@@ -771,7 +941,7 @@ def plot_samples(groups: Sequence[Group], results_dir: str | Path, path: str | P
             found.append((g, png))
     if not found:
         return None
-    many = len({(g.study, g.dataset) for g, _ in found}) > 1
+    many = len({g.table for g, _ in found}) > 1
     cols = min(4, len(found))
     rows = math.ceil(len(found) / cols)
     fig = Figure(figsize=(3 * cols, 3.3 * rows), constrained_layout=True)
@@ -800,20 +970,29 @@ def write_leaderboard(results_dir: str | Path, references: str | Path | None = N
     if references and not refs_path.is_file():
         raise UsageError(f"references file {refs_path} does not exist; fix --references or drop it")
     refs = load_references(refs_path) if refs_path.is_file() else []
-    groups = aggregate(records)
-    paired = _paired_to(records, reference_variant)
+    selected = [r for _, rs in views(records) for r in rs]
+    groups = aggregate(selected)
+    paired = _paired_to(selected, reference_variant)
+    sweep = [] if selected is records or not is_swept(records) else aggregate(
+        {**r, "view": ALL_SETTINGS} for r in records)
     plots = []
-    for name, make in (("fid_vs_elbo.png", lambda p: plot_fid_vs_elbo(groups, p)),
-                       ("gaussianity.png", lambda p: plot_gaussianity(groups, p)),
-                       ("samples.png", lambda p: plot_samples(groups, root, p))):
+    likelihood, samples = groups, groups  # a swept study's plots show each view that its metric is tuned in
+    if sweep:
+        likelihood = [g for g in groups if g.view == tuned_view("likelihood")]
+        samples = [g for g in groups if g.view == tuned_view("samples")]
+    for name, make in (("fid_vs_elbo.png", lambda p: plot_fid_vs_elbo(likelihood, p)),
+                       ("gaussianity.png", lambda p: plot_gaussianity(likelihood, p)),
+                       ("samples.png", lambda p: plot_samples(samples, root, p)),
+                       ("budgets.png", lambda p: plot_budgets(groups, p))):
         if make(root / name):
             plots.append(name)
         else:
             (root / name).unlink(missing_ok=True)  # never leave a plot of records that are gone
-    write_csv(groups, root / "leaderboard.csv")
+    write_csv(groups + sweep, root / "leaderboard.csv")
     write_paired_csv(paired, root / "leaderboard_paired.csv")
     md = root / "leaderboard.md"
-    _atomic_write(md, leaderboard_markdown(groups, refs, plots, n_records=len(records), paired=paired))
+    _atomic_write(md, leaderboard_markdown(groups, refs, plots, n_records=len(records), paired=paired,
+                                           selection=selection_markdown(sweep, records)))
     return md
 
 

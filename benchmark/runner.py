@@ -79,13 +79,16 @@ def train_and_evaluate(spec: RunSpec) -> dict:
                                           **overrides})
 
     record = {"study": spec.study, "run": spec.name, "dataset": spec.dataset, "variant": spec.variant,
-              "seed": spec.seed, "status": "running", "reason": None, "diverged_step": None,
+              "seed": spec.seed, "setting": spec.setting, "default_setting": spec.default_setting,
+              "budget": spec.budget, "spec_digest": spec.digest, "status": "running", "reason": None,
+              "diverged_step": None,
               "config": config, "code": code_version(), "env": environment(), "device": None,
               "timings": {}, "metrics": {}, "protocol": {}, "samples": None,
               "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     trainer = cli.instantiate_trainer(logger=logger, callbacks=run_callbacks(ckpt_dir, counter))
     record["device"] = _device_name(trainer)
     last = ckpt_dir / "last.ckpt"
+    continued = _continue_shorter_budget(spec, last)
     resumed = last.exists()
     try:
         start = time.perf_counter()
@@ -95,11 +98,12 @@ def train_and_evaluate(spec: RunSpec) -> dict:
         # limit_train_batches shortens an epoch. None where unknown (ddp_spawn counts in its workers).
         images = counter.images * trainer.world_size
         record["timings"] = {"train_s": train_s, "train_images_per_s": images / train_s if images else None,
-                             "epochs": trainer.current_epoch, "resumed": resumed}
+                             "epochs": trainer.current_epoch, "resumed": resumed, "continued_from": continued}
         start = time.perf_counter()
         out = evaluate(model, data, eval_cfg, make_trainer)
         record["timings"].update(evaluate_s=time.perf_counter() - start, evaluate_parts=out["timings"])
-        record.update(status="finished", metrics=out["metrics"], protocol=_protocol(model, data, trainer, out))
+        record.update(status="finished", metrics=out["metrics"], validation=out["validation"],
+                      protocol=_protocol(model, data, trainer, out))
     except Diverged as e:
         record.update(status="diverged", reason=str(e), diverged_step=e.step)
     except UsageError:
@@ -119,6 +123,24 @@ def train_and_evaluate(spec: RunSpec) -> dict:
         write_record(spec.record_path, record)
         _log_to_wandb(logger, record, spec)
     return record
+
+
+def _continue_shorter_budget(spec: RunSpec, last: Path) -> Optional[str]:
+    """A run of a budget ladder without a checkpoint of its own starts from the same run's checkpoint at the
+    budget below (the first epochs are the same run), so that the ladder costs the longest budget's training
+    once; returns that run folder, or None where there is none (a fresh machine: it trains from scratch)."""
+    if last.exists() or spec.warm_start is None:
+        return None
+    shorter = Path(spec.warm_start) / "checkpoints" / "last.ckpt"
+    record = spec.record_path.with_name(f"{Path(spec.warm_start).name}.json")  # that run's checkpoint is final
+    if not shorter.is_file() or not record.is_file():
+        return None
+    import shutil
+
+    last.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(shorter, last.with_suffix(".tmp"))
+    os.replace(last.with_suffix(".tmp"), last)
+    return spec.warm_start
 
 
 def _protocol(model, data, trainer, out) -> dict:
@@ -147,6 +169,7 @@ def _log_to_wandb(logger, record: dict, spec: RunSpec):
 
     run = logger.experiment
     run.summary.update({f"final/{k}": v for k, v in record["metrics"].items() if v is not None})
+    run.summary.update({f"validation/{k}": v for k, v in (record.get("validation") or {}).items() if v is not None})
     run.summary.update({"status": record["status"], **{f"timings/{k}": v for k, v in record["timings"].items()}})
     if record["samples"]:
         run.log({"samples/prior": wandb.Image(str(spec.record_path.with_suffix(".png")))})

@@ -15,6 +15,9 @@ from benchmark.errors import UsageError
 from benchmark.metrics.keys import IW_LADDER
 
 
+LOCATION_KEYS = ("data.path", "data.init_args.path", "cache_dir", "inception_weights", "trainer.enable_progress_bar")
+
+
 @dataclass
 class RunSpec:
     """Everything a run needs, small enough to travel to a worker process as JSON."""
@@ -30,6 +33,10 @@ class RunSpec:
     results_dir: str = "results"
     work_dir: str = "runs"
     wandb: str = "offline"          # online | offline | disabled
+    setting: dict[str, Any] = field(default_factory=dict)     # the swept keys' values, e.g. {"model.init_args.weight": 10}
+    default_setting: bool = True    # whether ``setting`` is the configured one (the untuned view's run)
+    budget: Optional[int] = None    # the study's budget (epochs) of this run, when the study has a ladder
+    warm_start: Optional[str] = None  # the run folder of the same run at a smaller budget, to continue from
 
     @property
     def record_path(self) -> Path:
@@ -43,6 +50,21 @@ class RunSpec:
     def log_path(self) -> Path:
         """Where the run's own output goes (Lightning's lines, progress bars, a failed run's traceback)."""
         return self.run_dir / "log.txt"
+
+    @property
+    def digest(self) -> str:
+        """A fingerprint of the protocol: the configs' contents, the overrides and the evaluation, without
+        what names only where files are (``data.path``, cache folders), so that a finished record is reused
+        only by a run of the same protocol."""
+        import hashlib
+
+        import yaml
+
+        configs = [yaml.safe_load(Path(f).read_text()) if Path(f).is_file() else f for f in self.config_files]
+        overrides = {k: v for k, v in self.overrides.items() if k not in LOCATION_KEYS}
+        evaluation = {k: v for k, v in self.evaluation.items() if k not in LOCATION_KEYS}
+        text = json.dumps([configs, overrides, evaluation, self.seed], sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def cli_args(self) -> list[str]:
         args = []
@@ -66,7 +88,7 @@ class EvaluationConfig:
         inception_weights: a local Inception file (a TorchScript ``.pt`` or torch-fidelity's ``.pth``).
         gmm_components: components of the full-covariance mixture fitted to training codes (RAE protocol).
         max_codes: codes kept for the Gaussianity battery (a seeded subset; see ``LatentGaussianity``).
-        expost_epochs: epochs of the post-hoc fit: the amortised diagonal Gaussian posterior fitted on the
+        expost_epochs: epochs of the post-hoc fit: the amortised full-covariance Gaussian posterior fitted on the
             training split's ELBO for every decoder, with the model frozen (``PosthocPosterior``); it gives
             ``elbo_posthoc`` and is the proposal of ``nll_iw``.
         seed: seeds every sample drawn by the evaluation.

@@ -10,6 +10,13 @@ A study YAML names configs by key::
     overrides: {trainer.max_epochs: 20} # dotted keys, applied to every run
     variant_overrides: {vae: {model.init_args.weight: 0.5}}
     evaluation: {iw_samples: 100, fid_samples: 1000}
+    sweep: {wae_mmd: {model.init_args.weight: [1, 10, 100]}}  # each value its own run (the grid of a variant)
+    budgets: [10, 30]                   # trainer.max_epochs of each run; a longer run continues a shorter one
+
+A swept key's configured value must be among its values: that run is the untuned view's. Runs are named
+``<dataset>-<variant>[-<key><value>...][-e<budget>]-s<seed>`` (the key's last dotted part: ``weight10``), in
+the order budget, seed, dataset, variant, setting, so that a study cut short has whole seeds at the first
+budget.
 
 ``configs`` (default: the folder above the study's own) says where the keyed YAMLs live. A run whose record
 is finished is skipped; an interrupted one resumes from its last checkpoint. Runs go one after another in
@@ -22,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import glob
+import itertools
 import json
 import multiprocessing
 import multiprocessing.connection
@@ -38,7 +46,8 @@ from benchmark.errors import UsageError, failure_reason
 from benchmark.spec import EvaluationConfig, RunSpec
 
 STUDY_FIELDS = {"name", "configs", "trainer", "datasets", "variants", "seeds", "overrides", "variant_overrides",
-                "evaluation"}
+                "evaluation", "sweep", "budgets"}
+BUDGET_KEY = "trainer.max_epochs"
 
 
 def load_study(path: str | Path) -> dict:
@@ -55,9 +64,41 @@ def load_study(path: str | Path) -> dict:
     for key in ("datasets", "variants", "seeds"):
         if not study.get(key) or not isinstance(study[key], list):
             raise UsageError(f"{path}: '{key}' must be a non-empty list")
+    seeds = study["seeds"]
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in seeds) or len(set(seeds)) != len(seeds):
+        raise UsageError(f"{path}: 'seeds' must be distinct integers, got {seeds}")
+    _check_grid(path, study)
     study.setdefault("name", path.stem)
     study["configs"] = str((path.parent / study["configs"]) if "configs" in study else path.parent.parent)
     return study
+
+
+def _check_grid(path: Path, study: dict):
+    """The sweep and the budgets are well-formed, before anything is expanded."""
+    sweep = study.get("sweep", {})
+    if not isinstance(sweep, dict):
+        raise UsageError(f"{path}: 'sweep' maps a variant to {{dotted key: [values]}}, got {sweep!r}")
+    for variant, keys in sweep.items():
+        if variant not in study["variants"]:
+            raise UsageError(f"{path}: sweep of {variant!r}, which is not among the study's variants "
+                             f"{study['variants']}; fix the name or add the variant")
+        if not isinstance(keys, dict) or not keys:
+            raise UsageError(f"{path}: sweep of {variant} must map dotted keys to lists of values, got {keys!r}")
+        for key, values in keys.items():
+            if not isinstance(values, list) or not values or len({json.dumps(v) for v in values}) != len(values):
+                raise UsageError(f"{path}: sweep {variant} {key} must be a non-empty list of distinct values, "
+                                 f"got {values!r}")
+            if key == BUDGET_KEY:
+                raise UsageError(f"{path}: sweep {variant} {key}: the budget is the study's 'budgets' field")
+    budgets = study.get("budgets")
+    if budgets is not None:
+        if (not isinstance(budgets, list) or not budgets
+                or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in budgets)
+                or budgets != sorted(set(budgets))):
+            raise UsageError(f"{path}: 'budgets' must be increasing positive epoch counts such as [10, 30], "
+                             f"got {budgets!r}")
+        if BUDGET_KEY in study.get("overrides", {}):
+            raise UsageError(f"{path}: 'budgets' and overrides {BUDGET_KEY} both set the epochs; drop one")
 
 
 CONFIG_KINDS = {"trainer": "trainer", "data": "dataset", "model": "variant"}  # config folder -> what a study names
@@ -70,6 +111,8 @@ def select(study: dict, **subsets: str | None) -> dict:
     for key, chosen in subsets.items():
         if chosen is None:
             continue
+        if not study.get(key):
+            raise UsageError(f"--{key} {chosen}: the study has no {key}")
         known = [str(v) for v in study[key]]
         names = [v.strip() for v in str(chosen).split(",") if v.strip()]
         missing = [v for v in names if v not in known]
@@ -89,7 +132,7 @@ def _keyed(configs: Path, kind: str, key: str) -> str:
 
 def expand(study: dict, results_dir="results", work_dir="runs", wandb="offline", overrides=None,
            evaluation=None) -> list[RunSpec]:
-    """The study's runs, in a stable order: dataset, then variant, then seed.
+    """The study's runs, in a stable order: budget, seed, dataset, variant, setting of the variant's sweep.
 
     ``overrides`` (trainer/model/data keys) and ``evaluation`` (EvaluationConfig fields) win over the study's.
     The data split and its fixed binarisations follow the run's seed (``data.seed`` = seed) unless a config
@@ -100,24 +143,75 @@ def expand(study: dict, results_dir="results", work_dir="runs", wandb="offline",
     if unknown:
         raise UsageError(f"unknown evaluation field(s) {sorted(unknown)}; see benchmark.spec.EvaluationConfig")
     EvaluationConfig(**evaluation)  # its values are checked here, before any run trains
+    overrides = overrides or {}
+    budgets = study.get("budgets") or [None]
+    if budgets != [None] and BUDGET_KEY in overrides:
+        raise UsageError(f"--set {BUDGET_KEY} on a study with budgets {budgets}: choose budgets with "
+                         f"--budgets, or drop the study's 'budgets'")
     configs = Path(study["configs"])
     trainer = _keyed(configs, "trainer", study.get("trainer", "cpu"))
-    specs = []
+    grid = []  # (dataset, variant, config files, overrides of the run, setting, default setting, data seed set)
     for dataset in study["datasets"]:
         data = _keyed(configs, "data", dataset)
         for variant in study["variants"]:
             model = _keyed(configs, "model", variant)
-            run_overrides = {**study.get("overrides", {}), **study.get("variant_overrides", {}).get(variant, {}),
-                             **(overrides or {})}
-            data_seed_set = DATA_SEED in run_overrides or _sets_data_seed([trainer, model, data])
-            for seed in study["seeds"]:
+            files = [trainer, model, data]
+            base = {**study.get("overrides", {}), **study.get("variant_overrides", {}).get(variant, {})}
+            sweep = study.get("sweep", {}).get(variant, {})
+            clash = sorted(set(sweep) & set(overrides))
+            if clash:
+                raise UsageError(f"--set {clash[0]} fixes a key the study sweeps for {variant}; drop it, or drop "
+                                 f"the sweep")
+            configured = {key: _configured_value(key, files, base, variant, values) for key, values in sweep.items()}
+            for values in itertools.product(*sweep.values()):
+                setting = dict(zip(sweep, values))
+                run_overrides = {**base, **setting, **overrides}
+                grid.append((dataset, variant, files, run_overrides, setting, setting == configured,
+                             DATA_SEED in run_overrides or _sets_data_seed(files)))
+    specs = []
+    for i, budget in enumerate(budgets):
+        for seed in study["seeds"]:
+            for dataset, variant, files, run_overrides, setting, default, data_seed_set in grid:
+                parts = [dataset, variant, *(f"{k.rsplit('.', 1)[-1]}{_fmt(v)}" for k, v in setting.items())]
+                name = "-".join(parts + ([f"e{budget}"] if budget else []) + [f"s{seed}"])
+                shorter = "-".join(parts + [f"e{budgets[i - 1]}", f"s{seed}"]) if i else None
+                run = {**({} if data_seed_set else {DATA_SEED: int(seed)}), **run_overrides,
+                       **({BUDGET_KEY: budget} if budget else {})}
                 specs.append(RunSpec(
-                    study=study["name"], name=f"{dataset}-{variant}-s{seed}", dataset=dataset, variant=variant,
-                    seed=int(seed), config_files=[trainer, model, data],
-                    overrides=run_overrides if data_seed_set else {DATA_SEED: int(seed), **run_overrides},
-                    evaluation=evaluation, results_dir=str(results_dir),
-                    work_dir=str(work_dir), wandb=wandb))
+                    study=study["name"], name=name, dataset=dataset, variant=variant, seed=int(seed),
+                    config_files=files, overrides=run, evaluation=evaluation, results_dir=str(results_dir),
+                    work_dir=str(work_dir), wandb=wandb, setting=setting, default_setting=default,
+                    budget=budget, warm_start=str(Path(work_dir) / study["name"] / shorter) if shorter else None))
     return specs
+
+
+def _fmt(value) -> str:
+    """A swept value as it reads in a run name: 10.0 -> 10, 0.001 -> 0.001, 'l2' -> l2."""
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _configured_value(key: str, config_files: list[str], overrides: dict, variant: str, values: list):
+    """The value a swept key has without the sweep (the study's overrides, else the last YAML that sets it);
+    it must be one of the swept values, so that the untuned view has its run."""
+    found = overrides.get(key, _MISSING)
+    if found is _MISSING:
+        for f in reversed(config_files):
+            node = yaml.safe_load(Path(f).read_text()) or {}
+            for part in key.split("."):
+                node = node.get(part, _MISSING) if isinstance(node, dict) else _MISSING
+            if node is not _MISSING:
+                found = node
+                break
+    if found is _MISSING:
+        raise UsageError(f"sweep {variant} {key}: no config sets it, so the untuned run is unknown; set it in "
+                         f"configs/model/{variant}.yaml or in the study's variant_overrides")
+    if not any(json.dumps(v) == json.dumps(found) or v == found for v in values):
+        raise UsageError(f"sweep {variant} {key}: {values} leaves out the configured value {found!r}; add it, "
+                         f"so that the untuned view has its run")
+    return next(v for v in values if v == found or json.dumps(v) == json.dumps(found))
+
+
+_MISSING = object()
 
 
 DATA_SEED = "data.seed"
@@ -191,12 +285,20 @@ class Progress:
 
 
 def _finished(spec: RunSpec) -> bool:
+    """Whether the run has a finished record; one written by another protocol (another budget, setting,
+    evaluation or config) is refused, never reused: its numbers would be taken for this run's."""
     from benchmark.records import read_record
 
     try:
-        return spec.record_path.exists() and read_record(spec.record_path).get("status") == "finished"
+        record = read_record(spec.record_path) if spec.record_path.exists() else {}
     except ValueError:
         return False
+    digest = record.get("spec_digest")
+    if record.get("status") == "finished" and digest is not None and digest != spec.digest:
+        raise UsageError(f"{spec.record_path} was written by another protocol than this run's (configs, --set "
+                         f"or evaluation differ); pass --results NEW_FOLDER to run it apart, or delete the record "
+                         f"to rerun it here")
+    return record.get("status") == "finished"
 
 
 def run_sequential(specs: list[RunSpec], progress: Progress):
@@ -366,7 +468,7 @@ def main(argv: list[str]):
     parser.add_argument("--work-dir", default="runs", help="checkpoints and W&B files (not results)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override for every run, e.g. --set trainer.max_epochs=2 or --set evaluation.iw_samples=100")
-    for key in ("datasets", "variants", "seeds"):
+    for key in ("datasets", "variants", "seeds", "budgets"):
         parser.add_argument(f"--{key}", default=None, metavar="A,B", help=f"only these of the study's {key}")
     args = parser.parse_args(argv)
     from benchmark.cli import parse_assignments
@@ -374,7 +476,8 @@ def main(argv: list[str]):
     overrides = parse_assignments(args.set)
     evaluation = {k.removeprefix("evaluation."): overrides.pop(k) for k in list(overrides) if k.startswith("evaluation.")}
     wandb = args.wandb or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
-    study = select(load_study(args.study), datasets=args.datasets, variants=args.variants, seeds=args.seeds)
+    study = select(load_study(args.study), datasets=args.datasets, variants=args.variants, seeds=args.seeds,
+                   budgets=args.budgets)
     specs = expand(study, args.results, args.work_dir, wandb, overrides, evaluation)
     progress = Progress(len(specs))
     todo = []

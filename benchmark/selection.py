@@ -1,0 +1,104 @@
+"""Each variant's setting chosen from a study's sweep, on the validation split alone.
+
+A run record of a swept study carries its ``setting`` (the swept keys' values), whether that is the
+configured one (``default_setting``), its ``budget`` and its ``validation`` criteria (``evaluate`` measures
+them on the validation split, apart from the test metrics in ``metrics``). Per (study, dataset, variant,
+budget) a criterion picks the setting whose mean over the seeds it finished is best; a setting with a
+diverged or failed run is never picked. Each criterion gives a view of the records, the tuned table of
+that criterion; the configured settings give the untuned view. Nothing here reads ``metrics``: a test
+metric cannot move a selection.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+from benchmark.metrics import keys as K
+
+# The criterion of each tuned view: the post-hoc ELBO (one posterior family for every decoder) and KID of
+# prior samples against the validation images (the metric the sample table ranks by).
+CRITERIA = {"likelihood": K.ELBO_POSTHOC, "samples": K.KID_PRIOR}
+UNTUNED = "untuned: configured settings"
+
+
+def tuned_view(name: str) -> str:
+    return f"tuned for {name} on validation {CRITERIA[name]}"
+
+
+def setting_label(record: dict) -> str:
+    """``weight=10, sigma0=0.5`` (the last part of each swept key); empty for a run without a sweep."""
+    def fmt(v):
+        return f"{v:g}" if isinstance(v, float) else str(v)
+
+    return ", ".join(f"{k.rsplit('.', 1)[-1]}={fmt(v)}" for k, v in (record.get("setting") or {}).items())
+
+
+def cell_of(record: dict) -> tuple:
+    """What one selection is made for: (study, dataset, variant, budget)."""
+    return tuple(str(record.get(k)) for k in ("study", "dataset", "variant", "budget"))
+
+
+@dataclass
+class Candidate:
+    """One setting of a cell: its criterion values by seed (finished runs), and its runs that did not finish."""
+    label: str
+    default: bool
+    values: dict
+    n_bad: int = 0  # diverged or failed
+
+    def mean(self) -> float:
+        finite = [v for v in self.values.values() if isinstance(v, (int, float)) and math.isfinite(v)]
+        return math.fsum(finite) / len(finite) if finite else math.nan
+
+
+def candidates(records: Iterable[dict], criterion: str) -> dict[tuple, list[Candidate]]:
+    """The settings of every cell with their values of ``criterion`` (from ``record["validation"]``)."""
+    cells: dict[tuple, dict[str, Candidate]] = {}
+    for r in records:
+        if r.get("status") == "running":
+            continue
+        label = setting_label(r)
+        c = cells.setdefault(cell_of(r), {}).setdefault(label, Candidate(label, r.get("default_setting", True), {}))
+        if r.get("status") == "finished":
+            c.values[r.get("seed")] = (r.get("validation") or {}).get(criterion)
+        else:
+            c.n_bad += 1
+    return {cell: list(by_label.values()) for cell, by_label in cells.items()}
+
+
+def select(records: Iterable[dict], criterion: str) -> dict[tuple, str]:
+    """The chosen setting's label per cell. A cell of one setting keeps it; otherwise the setting with the
+    best mean criterion among those whose every run finished (ties: the configured one, then the label);
+    a cell where no setting qualifies is left out."""
+    better = K.HIGHER_IS_BETTER[criterion]
+    chosen = {}
+    for cell, options in candidates(records, criterion).items():
+        if len(options) == 1:
+            chosen[cell] = options[0].label
+            continue
+        ok = [c for c in options if c.n_bad == 0 and math.isfinite(c.mean())]
+        if ok:
+            best = min(ok, key=lambda c: ((-1 if better else 1) * c.mean(), not c.default, c.label))
+            chosen[cell] = best.label
+    return chosen
+
+
+def is_swept(records: Sequence[dict]) -> bool:
+    return any(len(options) > 1 for options in candidates(records, K.ELBO_POSTHOC).values())
+
+
+def views(records: Sequence[dict]) -> list[tuple[str | None, list[dict]]]:
+    """(view, records) pairs: the records as they are where no cell has two settings; otherwise one tuned
+    view per criterion (each cell's chosen setting) and the untuned one (configured settings). Each record
+    of a view is a copy that names it (``view``)."""
+    if not is_swept(records):
+        return [(None, list(records))]
+    out = []
+    for name, criterion in CRITERIA.items():
+        chosen = select(records, criterion)
+        view = tuned_view(name)
+        out.append((view, [{**r, "view": view} for r in records if chosen.get(cell_of(r)) == setting_label(r)]))
+    out.append((UNTUNED, [{**r, "view": UNTUNED} for r in records if r.get("default_setting", True)]))
+    return out
