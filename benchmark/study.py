@@ -15,8 +15,8 @@ A study YAML names configs by key::
 
 A swept key's configured value must be among its values: that run is the untuned view's. Runs are named
 ``<dataset>-<variant>[-<key><value>...][-e<budget>]-s<seed>`` (the key's last dotted part: ``weight10``), in
-the order budget, seed, dataset, variant, setting, so that a study cut short has whole seeds at the first
-budget.
+the order seed, budget, dataset, variant, setting: a study cut short has whole seeds, and a run at a longer
+budget starts after the same run at the shorter one, whose checkpoint it continues.
 
 ``configs`` (default: the folder above the study's own) says where the keyed YAMLs live. A run whose record
 is finished is skipped; an interrupted one resumes from its last checkpoint. Runs go one after another in
@@ -132,7 +132,7 @@ def _keyed(configs: Path, kind: str, key: str) -> str:
 
 def expand(study: dict, results_dir="results", work_dir="runs", wandb="offline", overrides=None,
            evaluation=None) -> list[RunSpec]:
-    """The study's runs, in a stable order: budget, seed, dataset, variant, setting of the variant's sweep.
+    """The study's runs, in a stable order: seed, budget, dataset, variant, setting of the variant's sweep.
 
     ``overrides`` (trainer/model/data keys) and ``evaluation`` (EvaluationConfig fields) win over the study's.
     The data split and its fixed binarisations follow the run's seed (``data.seed`` = seed) unless a config
@@ -169,8 +169,8 @@ def expand(study: dict, results_dir="results", work_dir="runs", wandb="offline",
                 grid.append((dataset, variant, files, run_overrides, setting, setting == configured,
                              DATA_SEED in run_overrides or _sets_data_seed(files)))
     specs = []
-    for i, budget in enumerate(budgets):
-        for seed in study["seeds"]:
+    for seed in study["seeds"]:
+        for i, budget in enumerate(budgets):
             for dataset, variant, files, run_overrides, setting, default, data_seed_set in grid:
                 parts = [dataset, variant, *(f"{k.rsplit('.', 1)[-1]}{_fmt(v)}" for k, v in setting.items())]
                 name = "-".join(parts + ([f"e{budget}"] if budget else []) + [f"s{seed}"])

@@ -147,7 +147,9 @@ def test_study_yaml_expands_into_runs_whose_configs_parse(study_file, monkeypatc
 
     study = load_study(study_file)
     specs = expand(study, results_dir="r", work_dir="w", wandb="disabled")
-    assert len(specs) == len(study["datasets"]) * len(study["variants"]) * len(study["seeds"])
+    settings = sum(math.prod(len(v) for v in study.get("sweep", {}).get(variant, {}).values())
+                   for variant in study["variants"])
+    assert len(specs) == len(study["datasets"]) * settings * len(study["seeds"]) * len(study.get("budgets") or [1])
     assert len({s.name for s in specs}) == len(specs)
     monkeypatch.setattr(LatentBenchCLI, "instantiate_classes", lambda self: None)  # parse, check keys
     for spec in specs:

@@ -631,3 +631,88 @@ def test_the_data_split_follows_the_run_seed_unless_data_seed_is_set(tmp_path):
     (configs / "data" / "fixed.yaml").write_text(yaml.safe_dump({"data": {"dataset": "digits", "seed": 7}}))
     fixed = {**study, "configs": str(configs), "datasets": ["fixed"], "variants": ["vae"], "variant_overrides": {}}
     assert all("data.seed" not in s.overrides for s in study_mod.expand(fixed, str(tmp_path)))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Sweeps, budget ladders, and records of another protocol
+# ------------------------------------------------------------------------------------------------------------
+
+def swept_study(tmp_path, **fields) -> dict:
+    path = tmp_path / "sw.yaml"
+    study = {"name": "sw", "configs": str(CONFIGS), "datasets": [DATASET], "variants": ["vae", "wae_mmd"],
+             "seeds": [0, 1], "budgets": [2, 4], "sweep": {"wae_mmd": {"model.init_args.weight": [1, 10.0, 100]}},
+             **fields}
+    path.write_text(yaml.safe_dump(study))
+    return study_mod.load_study(path)
+
+
+def test_a_sweep_and_budgets_expand_into_named_runs_seed_then_budget_with_the_configured_one_marked(tmp_path):
+    specs = study_mod.expand(swept_study(tmp_path), tmp_path / "r", tmp_path / "w", "disabled")
+    names = [s.name for s in specs]
+    assert names[:4] == [f"{DATASET}-vae-e2-s0", f"{DATASET}-wae_mmd-weight1-e2-s0", f"{DATASET}-wae_mmd-weight10-e2-s0",
+                         f"{DATASET}-wae_mmd-weight100-e2-s0"]
+    assert len(names) == len(set(names)) == 2 * 2 * 4 and names[-1] == f"{DATASET}-wae_mmd-weight100-e4-s1"
+    assert names[4] == f"{DATASET}-vae-e4-s0"  # a seed's whole ladder before the next seed
+    by_name = {s.name: s for s in specs}
+    spec = by_name[f"{DATASET}-wae_mmd-weight100-e4-s1"]
+    assert spec.overrides["model.init_args.weight"] == 100 and spec.overrides["trainer.max_epochs"] == 4
+    assert spec.setting == {"model.init_args.weight": 100} and spec.budget == 4 and not spec.default_setting
+    assert spec.warm_start == str(tmp_path / "w" / "sw" / f"{DATASET}-wae_mmd-weight100-e2-s1")
+    assert by_name[f"{DATASET}-wae_mmd-weight10-e2-s0"].default_setting  # configs/model/wae_mmd.yaml: 10.0
+    assert by_name[f"{DATASET}-wae_mmd-weight10-e2-s0"].warm_start is None
+    assert by_name[f"{DATASET}-vae-e2-s0"].setting == {} and by_name[f"{DATASET}-vae-e2-s0"].default_setting
+
+
+@pytest.mark.parametrize("fields,overrides,message", [
+    ({"sweep": {"wae_mmd": {"model.init_args.weight": [1, 100]}}}, {}, "leaves out the configured value 10.0"),
+    ({"sweep": {"swae": {"model.init_args.weight": [1]}}}, {}, "sweep of 'swae', which is not among"),
+    ({"sweep": {"wae_mmd": {"model.init_args.nonexistent": [1]}}}, {}, "no config sets it"),
+    ({"sweep": {"wae_mmd": {"model.init_args.weight": [10, 10]}}}, {}, "distinct values"),
+    ({"budgets": [4, 2]}, {}, "'budgets' must be increasing"),
+    ({}, {"trainer.max_epochs": 3}, "choose budgets with --budgets"),
+    ({}, {"model.init_args.weight": 3}, "fixes a key the study sweeps for wae_mmd"),
+    ({"seeds": [0, 0.9]}, {}, "'seeds' must be distinct integers"),
+])
+def test_a_bad_sweep_or_budget_is_refused_before_anything_runs(tmp_path, fields, overrides, message):
+    with pytest.raises(study_mod.UsageError, match=message):
+        study_mod.expand(swept_study(tmp_path, **fields), tmp_path / "r", tmp_path / "w", "disabled", overrides)
+
+
+def test_a_finished_record_of_another_protocol_is_refused_and_one_of_the_same_protocol_is_reused(tmp_path):
+    from benchmark.records import write_record
+
+    spec = study_mod.expand(swept_study(tmp_path), tmp_path / "r", tmp_path / "w", "disabled")[0]
+    write_record(spec.record_path, {"study": spec.study, "run": spec.name, "status": "finished",
+                                    "spec_digest": spec.digest})
+    assert study_mod._finished(spec)
+    moved = study_mod.expand(swept_study(tmp_path), tmp_path / "r", tmp_path / "w", "disabled",
+                             {"data.path": "/elsewhere/mnist.pkl.gz"})[0]
+    assert moved.digest == spec.digest and study_mod._finished(moved)  # where the data lies is not the protocol
+    other = study_mod.expand(swept_study(tmp_path), tmp_path / "r", tmp_path / "w", "disabled",
+                             {"model.init_args.latent_dim": 3}, {"iw_samples": 7})[0]
+    assert other.record_path == spec.record_path and other.digest != spec.digest
+    with pytest.raises(study_mod.UsageError, match="written by another protocol.*--results NEW_FOLDER"):
+        study_mod._finished(other)
+
+
+def test_a_budget_ladder_run_continues_the_shorter_one_to_the_numbers_of_a_run_trained_straight(tmp_path):
+    """The 4-epoch run starts from the 2-epoch run's checkpoint and ends where a run trained 4 epochs in one
+    go ends; both record their validation criteria beside the test metrics."""
+    evaluation = {**EVALUATION, "fid_samples": 50}
+    overrides = {"trainer.limit_train_batches": 3, "trainer.enable_progress_bar": False}
+    ladder = swept_study(tmp_path, variants=["vae"], seeds=[0], sweep={}, overrides=overrides, evaluation=evaluation)
+    straight = {**ladder, "name": "straight", "budgets": [4]}
+    for study in (ladder, straight):
+        path = tmp_path / f"{study['name']}.yaml"
+        path.write_text(yaml.safe_dump({k: v for k, v in study.items() if k != "configs"} | {"configs": str(CONFIGS)}))
+        assert run_study(path, tmp_path / "results", tmp_path / "runs", "--wandb", "disabled") == 0
+    continued = read_record(tmp_path / "results" / "runs" / "sw" / f"{DATASET}-vae-e4-s0.json")
+    reference = read_record(tmp_path / "results" / "runs" / "straight" / f"{DATASET}-vae-e4-s0.json")
+    assert continued["timings"]["continued_from"].endswith(f"{DATASET}-vae-e2-s0")
+    assert reference["timings"]["continued_from"] is None and continued["budget"] == 4
+    images = continued["timings"]["train_images_per_s"] * continued["timings"]["train_s"]
+    assert images == pytest.approx(2 * 3 * BATCH_SIZE)  # only epochs 3 and 4 trained
+    for key, value in reference["metrics"].items():
+        assert continued["metrics"][key] == pytest.approx(value, rel=1e-6, abs=1e-9, nan_ok=True), key
+    assert set(continued["validation"]) >= {"elbo_posthoc", "kid_prior", "fid_prior"}
+    assert continued["validation"]["elbo_posthoc"] != continued["metrics"]["elbo_posthoc"]  # another split
