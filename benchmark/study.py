@@ -286,18 +286,19 @@ class Progress:
 
 def _finished(spec: RunSpec) -> bool:
     """Whether the run has a finished record; one written by another protocol (another budget, setting,
-    evaluation or config) is refused, never reused: its numbers would be taken for this run's."""
+    evaluation or config), or before records named theirs, is refused, never reused: its numbers would be
+    taken for this run's."""
     from benchmark.records import read_record
 
     try:
         record = read_record(spec.record_path) if spec.record_path.exists() else {}
     except ValueError:
         return False
-    digest = record.get("spec_digest")
-    if record.get("status") == "finished" and digest is not None and digest != spec.digest:
-        raise UsageError(f"{spec.record_path} was written by another protocol than this run's (configs, --set "
-                         f"or evaluation differ); pass --results NEW_FOLDER to run it apart, or delete the record "
-                         f"to rerun it here")
+    if record.get("status") == "finished" and record.get("spec_digest") != spec.digest:
+        why = "another protocol than this run's (configs, --set or evaluation differ)" if record.get(
+            "spec_digest") else "a version that did not record its protocol"
+        raise UsageError(f"{spec.record_path} was written by {why}; pass --results NEW_FOLDER to run the study "
+                         f"apart, or delete the record to rerun it here")
     return record.get("status") == "finished"
 
 

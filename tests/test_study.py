@@ -265,8 +265,10 @@ def test_a_finished_record_is_never_rewritten_and_its_run_never_trained(tmp_path
     results, work = tmp_path / "results", tmp_path / "runs"
     record = results / "runs" / "fake" / f"{run_name('ae', 0)}.json"
     record.parent.mkdir(parents=True)
+    [spec] = study_mod.expand(study_mod.load_study(path), results, work, "disabled")
     record.write_text(json.dumps({"study": "fake", "run": run_name("ae", 0), "dataset": DATASET, "variant": "ae",
-                                  "seed": 0, "status": "finished", "metrics": {"elbo": -1.0}}))
+                                  "seed": 0, "status": "finished", "metrics": {"elbo": -1.0},
+                                  "spec_digest": spec.digest}))
     before = (record.stat().st_mtime_ns, record.read_bytes())
     assert run_study(path, results, work, "--wandb", "disabled") == 0
     assert (record.stat().st_mtime_ns, record.read_bytes()) == before
@@ -693,6 +695,9 @@ def test_a_finished_record_of_another_protocol_is_refused_and_one_of_the_same_pr
     assert other.record_path == spec.record_path and other.digest != spec.digest
     with pytest.raises(study_mod.UsageError, match="written by another protocol.*--results NEW_FOLDER"):
         study_mod._finished(other)
+    write_record(spec.record_path, {"study": spec.study, "run": spec.name, "status": "finished"}, overwrite=True)
+    with pytest.raises(study_mod.UsageError, match="did not record its protocol.*--results NEW_FOLDER"):
+        study_mod._finished(spec)  # a record from before the fingerprint: not taken for this run's
 
 
 def test_a_budget_ladder_run_continues_the_shorter_one_to_the_numbers_of_a_run_trained_straight(tmp_path):
