@@ -263,6 +263,7 @@ class Group:
     n_running: int = 0
     protocol: dict = field(default_factory=dict)  # shared by its finished runs (MIXED where they differ)
     samples: str | None = None  # the sample grid of the finished run with the smallest seed
+    latent_map: str | None = None  # that run's latent-plane figure (2-D latents only)
     view: str | None = None     # the selection view (``benchmark.selection``) of a swept study
     budget: int | None = None   # the study's budget (epochs) of a budget ladder
     setting: str = ""           # the swept keys' values, e.g. "weight=10"
@@ -309,7 +310,8 @@ def aggregate(records: Iterable[dict], metrics: Sequence[str] | None = None) -> 
                   n_failed=sum(r.get("status") == "failed" for r in rs),
                   n_running=sum(r.get("status") == "running" for r in rs),
                   protocol=_common([r.get("protocol") or {} for r in finished]),
-                  samples=next((r["samples"] for r in finished if r.get("samples")), None))
+                  samples=next((r["samples"] for r in finished if r.get("samples")), None),
+                  latent_map=next((r["latent_map"] for r in finished if r.get("latent_map")), None))
         names = metrics or sorted({k for r in finished for k in record_metrics(r)}, key=_metric_order)
         for name in names:
             stat = summarize(record_metrics(r).get(name) for r in finished)
@@ -954,6 +956,30 @@ def plot_samples(groups: Sequence[Group], results_dir: str | Path, path: str | P
     return _save(fig, Path(path))
 
 
+def plot_latent_maps(groups: Sequence[Group], results_dir: str | Path, path: str | Path) -> Path | None:
+    """The latent-plane figure (``benchmark.latent_map``) of each group's first seed, one tile per group;
+    None if no group has one (only runs with two latent dimensions draw it). A figure's path is relative to
+    its record's folder, runs/<study>/."""
+    from matplotlib.figure import Figure
+    from matplotlib.image import imread
+
+    found = [(g, Path(results_dir) / "runs" / g.study / g.latent_map) for g in _ranked(groups) if g.latent_map]
+    found = [(g, png) for g, png in found if png.is_file()]
+    if not found:
+        return None
+    many = len({g.table for g, _ in found}) > 1
+    cols = min(2, len(found))
+    rows = math.ceil(len(found) / cols)
+    fig = Figure(figsize=(8 * cols, 3.9 * rows), constrained_layout=True)
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax, (g, png) in zip(axes, found):
+        ax.imshow(imread(png))
+        ax.set_title(_label(g, many), fontsize=11)
+    for ax in axes:
+        ax.axis("off")
+    return _save(fig, Path(path))
+
+
 def write_leaderboard(results_dir: str | Path, references: str | Path | None = None,
                       reference_variant: str = REFERENCE_VARIANT) -> Path:
     """Write ``leaderboard.md``, ``leaderboard.csv``, ``leaderboard_paired.csv`` (differences to
@@ -983,6 +1009,7 @@ def write_leaderboard(results_dir: str | Path, references: str | Path | None = N
     for name, make in (("fid_vs_elbo.png", lambda p: plot_fid_vs_elbo(likelihood, p)),
                        ("gaussianity.png", lambda p: plot_gaussianity(likelihood, p)),
                        ("samples.png", lambda p: plot_samples(samples, root, p)),
+                       ("latent_2d.png", lambda p: plot_latent_maps(likelihood, root, p)),
                        ("budgets.png", lambda p: plot_budgets(groups, p))):
         if make(root / name):
             plots.append(name)

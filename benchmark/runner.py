@@ -83,7 +83,7 @@ def train_and_evaluate(spec: RunSpec) -> dict:
               "budget": spec.budget, "spec_digest": spec.digest, "status": "running", "reason": None,
               "diverged_step": None,
               "config": config, "code": code_version(), "env": environment(), "device": None,
-              "timings": {}, "metrics": {}, "protocol": {}, "samples": None,
+              "timings": {}, "metrics": {}, "protocol": {}, "samples": None, "latent_map": None,
               "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     trainer = cli.instantiate_trainer(logger=logger, callbacks=run_callbacks(ckpt_dir, counter))
     record["device"] = _device_name(trainer)
@@ -120,6 +120,8 @@ def train_and_evaluate(spec: RunSpec) -> dict:
             record.update(status="failed", reason=reason)
     if trainer.global_rank == 0:
         record["samples"] = _save_samples(model, spec) if record["status"] == "finished" else None
+        if record["status"] == "finished" and model.hparams.latent_dim == 2:
+            record["latent_map"] = _save_latent_map(model, data, spec, eval_cfg.seed)
         write_record(spec.record_path, record)
         _log_to_wandb(logger, record, spec)
     return record
@@ -160,6 +162,15 @@ def _save_samples(model, spec: RunSpec, n: int = 64) -> Optional[str]:
     images = model.sample(n, generator=torch.Generator(device=model.device).manual_seed(spec.seed)).cpu()
     save_image(images, path, nrow=8, padding=1)
     return path.name
+
+
+def _save_latent_map(model, data, spec: RunSpec, seed: int) -> str:
+    """The latent plane of a 2-D model next to the record (PNG): codes of the test images as the model is
+    evaluated on them (binarised once for binary data), beside the decoder on the same square."""
+    from benchmark.latent_map import save_latent_map
+
+    test = data.splits["test"]
+    return save_latent_map(model, test.x, test.y, spec.record_path.with_suffix(".latent.png"), seed).name
 
 
 def _log_to_wandb(logger, record: dict, spec: RunSpec):
