@@ -4,8 +4,12 @@ A run record is written once per run by the executor at ``results/runs/<study>/<
 
     {"study", "run", "dataset", "variant", "seed", "status": finished | diverged | failed | running,
      "reason", "diverged_step", "config", "code": {"commit", "dirty"}, "env", "device", "timings",
-     "metrics": {key: float | null}, "protocol": {...}, "created",
-     "samples": path of a PNG grid of prior samples, relative to the record's folder (or RESULTS_DIR) | null}
+     "metrics": {key: float | null} (test split), "protocol": {...}, "created",
+     "validation": {key: float} (the selection criteria, validation split; ``benchmark.selection``),
+     "setting": {swept key: value}, "default_setting": bool, "budget": epochs | null,
+     "spec_digest": the protocol's fingerprint (``RunSpec.digest``),
+     "samples": path of a PNG grid of prior samples, relative to the record's folder (or RESULTS_DIR) | null,
+     "latent_map": the same for the latent plane of a 2-D model | null}
 
 Writes are atomic (temp file in the same folder, fsync, ``os.replace``), serialised per folder by a lock
 file, and a finished record is never overwritten unless asked. Everything else (tables, CSV, plots, the

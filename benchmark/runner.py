@@ -184,6 +184,8 @@ def _log_to_wandb(logger, record: dict, spec: RunSpec):
     run.summary.update({"status": record["status"], **{f"timings/{k}": v for k, v in record["timings"].items()}})
     if record["samples"]:
         run.log({"samples/prior": wandb.Image(str(spec.record_path.with_suffix(".png")))})
+    if record.get("latent_map"):
+        run.log({"latent_map": wandb.Image(str(spec.record_path.with_name(record["latent_map"])))})
     artifact = wandb.Artifact(f"record-{spec.study}-{spec.name}".replace("/", "-"), type="run-record")
     artifact.add_file(str(spec.record_path))
     run.log_artifact(artifact)
