@@ -16,7 +16,7 @@ import logging
 import sys
 from contextlib import contextmanager
 
-from benchmark.errors import UsageError
+from benchmark.errors import INTERRUPTED, Interrupted, UsageError
 
 
 @contextmanager
@@ -75,6 +75,9 @@ def main(argv=None) -> int:
     except UsageError as e:
         print(f"latent-bench: error: {' '.join(str(e).split())}", file=sys.stderr)  # one line, always
         return 2
+    except (Interrupted, KeyboardInterrupt):
+        print(f"latent-bench: {INTERRUPTED}", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -275,6 +275,9 @@ class LatentDataModule(L.LightningDataModule):
                 raise UsageError(f"data.{key} must be a positive integer, got {size}")
         if pad < 0:
             raise UsageError(f"data.pad must be a non-negative number of pixels, got {pad}")
+        if path is not None and dataset == "digits":
+            raise UsageError("the digits dataset is embedded (scikit-learn's 8x8 digits) and reads no data.path; "
+                             "drop data.path, or choose a dataset that has files")
         if path is not None and not Path(path).exists():
             raise UsageError(f"data file {path} does not exist; fix data.path or drop it to download")
         self.save_hyperparameters()

@@ -3,6 +3,7 @@ every run of a study)."""
 
 from __future__ import annotations
 
+import re
 import warnings
 from argparse import ArgumentError
 
@@ -63,11 +64,18 @@ def build_cli(args, run: bool = True, **kwargs) -> LatentBenchCLI:
         raise cause from None
 
 
+_TYPE_WORDS = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false"}
 _NOISE = ("NoneType", "Given value", "Subtypes:", "Errors:", "Does not validate against any", "Parser key")
 
 
 def _one_line(e: BaseException) -> str:
-    """jsonargparse's nested report -> its informative lines, plus where to look up the valid fields."""
-    lines = [s.strip(" -") for s in str(e).splitlines()]
+    """jsonargparse's nested report -> the key and the value it refused, its informative lines, and where to
+    look up the valid fields."""
+    text = str(e)
+    key, value = re.search(r'Parser key "([^"]+)"', text), re.search(r"Given value: (.*)", text)
+    lines = [s.strip(" -") for s in text.splitlines()]
     lines = [s for s in lines if s and not any(n in s for n in _NOISE)] or [type(e).__name__]
-    return "; ".join(lines[:2]) + " (valid fields: latent-bench fit --model.help CLASS, or --print_config)"
+    where = f"{key.group(1)}={value.group(1).strip()}: " if key and value else (f"{key.group(1)}: " if key else "")
+    lines = [re.sub(r"an? <class '([\w.]+)'>", lambda m: _TYPE_WORDS.get(m.group(1), f"a {m.group(1)}"), s)
+             for s in lines]  # "Expected a <class 'int'>" -> "Expected an integer"
+    return where + "; ".join(lines[:2]) + " (valid fields: latent-bench fit --model.help CLASS, or --print_config)"

@@ -34,6 +34,7 @@ import json
 import multiprocessing
 import multiprocessing.connection
 import os
+import signal
 import sys
 import threading
 import time
@@ -42,7 +43,7 @@ from pathlib import Path
 
 import yaml
 
-from benchmark.errors import UsageError, failure_reason
+from benchmark.errors import Interrupted, UsageError, failure_reason
 from benchmark.spec import EvaluationConfig, RunSpec
 
 STUDY_FIELDS = {"name", "configs", "trainer", "datasets", "variants", "seeds", "overrides", "variant_overrides",
@@ -124,10 +125,22 @@ def select(study: dict, **subsets: str | None) -> dict:
 
 def _keyed(configs: Path, kind: str, key: str) -> str:
     f = configs / kind / f"{key}.yaml"
+    known = sorted(p.stem for p in (configs / kind).glob("*.yaml") if kind != "model" or _is_variant(p))
     if not f.is_file():
-        known = sorted(p.stem for p in (configs / kind).glob("*.yaml"))
         raise UsageError(f"unknown {CONFIG_KINDS[kind]} {key!r}; choose one of {known} (or add {f})")
+    if kind == "model" and not _is_variant(f):
+        raise UsageError(f"{f} names no model.class_path: it is a setting to combine with a variant, not a "
+                         f"variant; choose one of {known}, and put its keys in the study's overrides")
     return str(f)
+
+
+def _is_variant(path: Path) -> bool:
+    """A model config is a variant when it names the model's class (``model.class_path``)."""
+    try:
+        cfg = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError:
+        return True  # a broken file is reported, with its error, when the run parses it
+    return isinstance(cfg.get("model"), dict) and "class_path" in cfg["model"]
 
 
 def expand(study: dict, results_dir="results", work_dir="runs", wandb="offline", overrides=None,
@@ -260,9 +273,12 @@ def parse_devices(devices: str | None) -> list[str] | None:
         if bad:
             raise UsageError(f"--devices {devices}: no GPU {bad[0]} (this machine has {n_gpu}); fix the list")
         return parts
-    if len(parts) == 1:
-        return ["cpu"] * int(parts[0])
-    return ["cpu"] * len(parts)
+    workers = int(parts[0]) if len(parts) == 1 else len(parts)
+    cores = os.cpu_count() or 1
+    if not 1 <= workers <= cores:
+        raise UsageError(f"--devices {devices}: this machine has no GPU and {cores} CPU cores; give 1 to {cores} "
+                         f"workers, or auto")
+    return ["cpu"] * workers
 
 
 class Progress:
@@ -300,6 +316,48 @@ def _finished(spec: RunSpec) -> bool:
         raise UsageError(f"{spec.record_path} was written by {why}; pass --results NEW_FOLDER to run the study "
                          f"apart, or delete the record to rerun it here")
     return record.get("status") == "finished"
+
+
+def check_runs(specs: list[RunSpec], results_dir: str, work_dir: str):
+    """Every bad input of the runs to do, found before any of them trains: the folders are writable, and each
+    distinct configuration (the seeds aside) parses, type-checks and builds its model, data and trainer (an
+    unknown class_path, a negative batch size, a missing data file). The first problem is raised, named by
+    its run."""
+    for name, folder in (("--results", results_dir), ("--work-dir", work_dir)):
+        _check_writable(name, Path(folder))
+    if not specs:
+        return
+    import logging
+
+    from benchmark.lightning_cli import build_cli
+
+    seen = set()
+    quiet = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric")]
+    levels = [q.level for q in quiet]
+    for q in quiet:
+        q.setLevel(logging.WARNING)  # "GPU available: ..." once a configuration
+    try:
+        for spec in specs:
+            key = json.dumps([spec.config_files, {k: v for k, v in spec.overrides.items() if k != DATA_SEED}],
+                             sort_keys=True, default=str)
+            if key in seen:
+                continue
+            seen.add(key)
+            try:
+                build_cli(spec.cli_args(), run=False, save_config_callback=None)
+            except UsageError as e:
+                raise UsageError(f"run {spec.name}: {e}") from None
+    finally:
+        for q, level in zip(quiet, levels):
+            q.setLevel(level)
+
+
+def _check_writable(option: str, folder: Path):
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"{option} {folder}: {existing} is not a writable folder; choose another {option}")
 
 
 def run_sequential(specs: list[RunSpec], progress: Progress):
@@ -359,6 +417,10 @@ def run_workers(specs: list[RunSpec], slots: list[str], progress: Progress, run=
                 spec = running.pop(i)
                 progress.running = len(running)
                 _report(spec, error, progress)
+    except BaseException:  # interrupted: the runs stop now, and resume from their checkpoints on a rerun
+        for proc, _ in workers.values():
+            proc.kill()
+        raise
     finally:
         for proc, pipe in workers.values():
             if proc.is_alive():
@@ -384,6 +446,7 @@ def _slot_worker(slot: str, threads: int, pipe, run=None):
     import traceback
 
     _exit_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the parent ends the runs
     import torch
 
     if slot != "cpu":
@@ -488,24 +551,37 @@ def main(argv: list[str]):
             progress.done += 1
         else:
             todo.append(spec)
-    progress.event(study["name"], f"{len(specs)} runs, {progress.skipped} already finished")
     slots = parse_devices(args.devices)
     if args.per_device < 1:
         raise UsageError(f"--per-device {args.per_device}: give a positive number of runs per device")
     slots = [s for s in slots for _ in range(args.per_device)] if slots else None
-    if args.executor != "local":
-        run_submitit(todo, "local" if args.executor == "submitit-local" else "slurm", args.work_dir, progress,
-                     json.loads(args.slurm))
-    elif slots and len(slots) > 1:
-        run_workers(todo, slots, progress)
-    else:
-        run_sequential(todo, progress)
+    try:
+        slurm = json.loads(args.slurm)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"--slurm {args.slurm!r} is not JSON ({e.msg}); write e.g. '{{\"gpus_per_node\": 1}}'") from e
+    check_runs(todo, args.results, args.work_dir)
+    progress.event(study["name"], f"{len(specs)} runs, {progress.skipped} already finished")
+    previous = signal.signal(signal.SIGINT, _interrupt)  # Lightning would turn a KeyboardInterrupt into exit(1)
+    try:
+        if args.executor != "local":
+            run_submitit(todo, "local" if args.executor == "submitit-local" else "slurm", args.work_dir, progress,
+                         slurm)
+        elif slots and len(slots) > 1:
+            run_workers(todo, slots, progress)
+        else:
+            run_sequential(todo, progress)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     from benchmark.records import write_leaderboard
 
     md = write_leaderboard(args.results)
     progress.event(study["name"], f"leaderboard written to {md}")
     _log_leaderboard(study["name"], Path(args.results), args.work_dir, wandb)
     return 0 if progress.failed == 0 else 1
+
+
+def _interrupt(signum, frame):
+    raise Interrupted()
 
 
 def _log_leaderboard(study: str, results: Path, work_dir: str, mode: str):

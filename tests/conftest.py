@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import lightning.pytorch  # noqa: F401  (its log handlers bind the real stderr, not the capture of the first test)
 import pytest
 
 from benchmark.metrics import fid

@@ -84,6 +84,32 @@ def test_bad_study_exits_2_with_one_line_and_leaves_nothing(study, named, inputs
     assert files_under(workdir) == [] and not (workdir / "results").exists() and not (workdir / "runs").exists()
 
 
+STUDY = f"name: s\nconfigs: {CONFIGS}\ndatasets: [digits]\nvariants: [vae]\nseeds: [0]\n"
+BAD_RUN = {  # case: (study YAML, extra arguments, words the error line must contain)
+    "a network config as a variant": (STUDY.replace("[vae]", "[conv]"), [], ["conv.yaml", "not a variant", "vae"]),
+    "a seed that is not a number": (STUDY.replace("[0]", "[a]"), [], ["'seeds' must be distinct integers"]),
+    "a fractional seed": (STUDY.replace("[0]", "[0, 0.9]"), [], ["'seeds' must be distinct integers", "0.9"]),
+    "a seed twice": (STUDY.replace("[0]", "[1, 1]"), [], ["'seeds' must be distinct integers"]),
+    "more workers than cores": (STUDY, ["--devices", "99"], ["--devices 99"]),
+    "a negative batch size": (STUDY, ["--set", "data.batch_size=-5"], ["run digits-vae-s0", "data.batch_size", "-5"]),
+    "a budget that is no number": (STUDY, ["--set", "trainer.max_epochs=ten"], ["trainer.max_epochs=ten", "integer"]),
+    "a data file for the embedded digits": (STUDY, ["--set", "data.path={inputs}/mnist.pkl.gz"], ["embedded", "data.path"]),
+    "results under a file": (STUDY, ["--results", "{inputs}/mnist.pkl.gz/results"], ["--results", "not a writable folder"]),
+    "slurm parameters that are not JSON": (STUDY, ["--slurm", "gpus=1"], ["--slurm", "not JSON"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_RUN))
+def test_bad_run_input_is_refused_before_anything_trains(case, inputs, workdir, capsys):
+    text, extra, named = BAD_RUN[case]
+    (inputs / "study.yaml").write_text(text)
+    argv = ["run", str(inputs / "study.yaml"), "--results", str(workdir / "results"), "--work-dir",
+            str(workdir / "runs"), "--wandb", "disabled", *[a.format(inputs=inputs) for a in extra]]
+    assert cli.main(argv) == 2
+    assert_one_error_line(capsys.readouterr().err, *named)
+    assert files_under(workdir) == [] and not (workdir / "results").exists() and not (workdir / "runs").exists()
+
+
 def test_run_passes_on_the_study_exit_status(monkeypatch):
     """A study with a failed run exits 1 (the study's own status), not 0."""
     import benchmark.study

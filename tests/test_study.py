@@ -721,3 +721,29 @@ def test_a_budget_ladder_run_continues_the_shorter_one_to_the_numbers_of_a_run_t
         assert continued["metrics"][key] == pytest.approx(value, rel=1e-6, abs=1e-9, nan_ok=True), key
     assert set(continued["validation"]) >= {"elbo_posthoc", "kid_prior", "fid_prior"}
     assert continued["validation"]["elbo_posthoc"] != continued["metrics"]["elbo_posthoc"]  # another split
+
+
+@pytest.mark.parametrize("devices", [None, "2"], ids=["sequential", "workers"])
+def test_ctrl_c_prints_one_line_exits_130_and_the_rerun_resumes(tmp_path, devices):
+    path = write_study(tmp_path, "stop", ["vae"], [0, 1], epochs=40, batches=5)
+    results, work = tmp_path / "results", tmp_path / "runs"
+    ckpt = work / "stop" / run_name("vae", 0) / "checkpoints" / "last.ckpt"
+    cmd = [sys.executable, "-m", "benchmark.cli", "run", str(path), "--results", str(results), "--work-dir", str(work),
+           "--wandb", "disabled", *(["--devices", devices] if devices else [])]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while _checkpoint_epoch(ckpt) is None if ckpt.exists() else True:
+            assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint within 120 s"
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole process group
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, (out, err)
+    assert err.strip().splitlines() == ["latent-bench: interrupted; rerun the same command to resume"], err
+    assert not (results / "runs" / "stop" / f"{run_name('vae', 0)}.json").exists()  # interrupted is not failed
+    assert run_study(path, results, work, "--wandb", "disabled", "--seeds", "0") == 0
+    assert read_record(results / "runs" / "stop" / f"{run_name('vae', 0)}.json")["timings"]["resumed"] is True
