@@ -934,9 +934,6 @@ def plot_gaussianity(groups: Sequence[Group], path: str | Path) -> Path | None:
 
 def plot_samples(groups: Sequence[Group], results_dir: str | Path, path: str | Path) -> Path | None:
     """The prior-sample grid of each group's first seed side by side; None if no grid file exists."""
-    from matplotlib.figure import Figure
-    from matplotlib.image import imread
-
     found = []
     for g in _ranked(groups):
         # A grid path is relative to its record's folder (runs/<study>/) or to RESULTS_DIR.
@@ -945,16 +942,25 @@ def plot_samples(groups: Sequence[Group], results_dir: str | Path, path: str | P
         png = next((p for p in candidates if p.is_file()), None)
         if png is not None:
             found.append((g, png))
+    return _tiles(found, path, cols=4, size=(3, 3.3), fontsize=9)
+
+
+def _tiles(found: Sequence[tuple[Group, Path]], path: str | Path, cols: int, size: tuple[float, float],
+           fontsize: int) -> Path | None:
+    """The PNG of each group as one tile titled with its label, ``cols`` to a row; None without any."""
+    from matplotlib.figure import Figure
+    from matplotlib.image import imread
+
     if not found:
         return None
     many = len({g.table for g, _ in found}) > 1
-    cols = min(4, len(found))
+    cols = min(cols, len(found))
     rows = math.ceil(len(found) / cols)
-    fig = Figure(figsize=(3 * cols, 3.3 * rows), constrained_layout=True)
+    fig = Figure(figsize=(size[0] * cols, size[1] * rows), constrained_layout=True)
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     for ax, (g, png) in zip(axes, found):
         ax.imshow(imread(png), cmap="gray")
-        ax.set_title(_label(g, many), fontsize=9)
+        ax.set_title(_label(g, many), fontsize=fontsize)
     for ax in axes:
         ax.axis("off")
     return _save(fig, Path(path))
@@ -964,24 +970,8 @@ def plot_latent_maps(groups: Sequence[Group], results_dir: str | Path, path: str
     """The latent-plane figure (``benchmark.latent_map``) of each group's first seed, one tile per group;
     None if no group has one (only runs with two latent dimensions draw it). A figure's path is relative to
     its record's folder, runs/<study>/."""
-    from matplotlib.figure import Figure
-    from matplotlib.image import imread
-
     found = [(g, Path(results_dir) / "runs" / g.study / g.latent_map) for g in _ranked(groups) if g.latent_map]
-    found = [(g, png) for g, png in found if png.is_file()]
-    if not found:
-        return None
-    many = len({g.table for g, _ in found}) > 1
-    cols = min(2, len(found))
-    rows = math.ceil(len(found) / cols)
-    fig = Figure(figsize=(8 * cols, 3.9 * rows), constrained_layout=True)
-    axes = fig.subplots(rows, cols, squeeze=False).ravel()
-    for ax, (g, png) in zip(axes, found):
-        ax.imshow(imread(png))
-        ax.set_title(_label(g, many), fontsize=11)
-    for ax in axes:
-        ax.axis("off")
-    return _save(fig, Path(path))
+    return _tiles([(g, png) for g, png in found if png.is_file()], path, cols=2, size=(8, 3.9), fontsize=11)
 
 
 def write_leaderboard(results_dir: str | Path, references: str | Path | None = None,
@@ -1003,8 +993,7 @@ def write_leaderboard(results_dir: str | Path, references: str | Path | None = N
     selected = [r for _, rs in views(records) for r in rs]
     groups = aggregate(selected)
     paired = _paired_to(selected, reference_variant)
-    sweep = [] if selected is records or not is_swept(records) else aggregate(
-        {**r, "view": ALL_SETTINGS} for r in records)
+    sweep = aggregate({**r, "view": ALL_SETTINGS} for r in records) if is_swept(records) else []
     plots = []
     likelihood, samples = groups, groups  # a swept study's plots show each view that its metric is tuned in
     if sweep:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 from benchmark.metrics import keys as K
+from benchmark.spec import format_value
 
 # The criterion of each tuned view: the post-hoc ELBO (one posterior family for every decoder) and KID of
 # prior samples against the validation images (the metric the sample table ranks by).
@@ -29,10 +30,7 @@ def tuned_view(name: str) -> str:
 
 def setting_label(record: dict) -> str:
     """``weight=10, sigma0=0.5`` (the last part of each swept key); empty for a run without a sweep."""
-    def fmt(v):
-        return f"{v:g}" if isinstance(v, float) else str(v)
-
-    return ", ".join(f"{k.rsplit('.', 1)[-1]}={fmt(v)}" for k, v in (record.get("setting") or {}).items())
+    return ", ".join(f"{k.rsplit('.', 1)[-1]}={format_value(v)}" for k, v in (record.get("setting") or {}).items())
 
 
 def cell_of(record: dict) -> tuple:

@@ -15,6 +15,11 @@ from benchmark.errors import UsageError
 from benchmark.metrics.keys import IW_LADDER
 
 
+def format_value(value) -> str:
+    """A swept value as run names and tables show it: 10.0 -> 10, 0.001 -> 0.001, 'l2' -> l2."""
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 LOCATION_KEYS = ("data.path", "data.init_args.path", "cache_dir", "inception_weights", "trainer.enable_progress_bar")
 
 

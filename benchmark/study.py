@@ -44,7 +44,7 @@ from pathlib import Path
 import yaml
 
 from benchmark.errors import Interrupted, UsageError, failure_reason
-from benchmark.spec import EvaluationConfig, RunSpec
+from benchmark.spec import EvaluationConfig, RunSpec, format_value
 
 STUDY_FIELDS = {"name", "configs", "trainer", "datasets", "variants", "seeds", "overrides", "variant_overrides",
                 "evaluation", "sweep", "budgets"}
@@ -185,7 +185,7 @@ def expand(study: dict, results_dir="results", work_dir="runs", wandb="offline",
     for seed in study["seeds"]:
         for i, budget in enumerate(budgets):
             for dataset, variant, files, run_overrides, setting, default, data_seed_set in grid:
-                parts = [dataset, variant, *(f"{k.rsplit('.', 1)[-1]}{_fmt(v)}" for k, v in setting.items())]
+                parts = [dataset, variant, *(f"{k.rsplit('.', 1)[-1]}{format_value(v)}" for k, v in setting.items())]
                 name = "-".join(parts + ([f"e{budget}"] if budget else []) + [f"s{seed}"])
                 shorter = "-".join(parts + [f"e{budgets[i - 1]}", f"s{seed}"]) if i else None
                 run = {**({} if data_seed_set else {DATA_SEED: int(seed)}), **run_overrides,
@@ -196,11 +196,6 @@ def expand(study: dict, results_dir="results", work_dir="runs", wandb="offline",
                     work_dir=str(work_dir), wandb=wandb, setting=setting, default_setting=default,
                     budget=budget, warm_start=str(Path(work_dir) / study["name"] / shorter) if shorter else None))
     return specs
-
-
-def _fmt(value) -> str:
-    """A swept value as it reads in a run name: 10.0 -> 10, 0.001 -> 0.001, 'l2' -> l2."""
-    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def _configured_value(key: str, config_files: list[str], overrides: dict, variant: str, values: list):
