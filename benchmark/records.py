@@ -125,6 +125,14 @@ def write_record(path: str | Path, record: dict, overwrite: bool = False) -> Pat
     return path
 
 
+def write_json(path: str | Path, obj) -> Path:
+    """Any JSON-able ``obj`` to ``path``, atomically (the run's protocol beside its checkpoints)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
+    return path
+
+
 def _atomic_write(path: Path, text: str):
     """Temp file in the same folder, fsync, rename over ``path``, fsync the folder (the rename is durable)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

@@ -55,7 +55,7 @@ def train_and_evaluate(spec: RunSpec) -> dict:
     """Train (or resume) and evaluate one run; write and return its record. Never raises for a run that
     fails or diverges: that is recorded as such, so a study goes on."""
     from benchmark.lightning_cli import build_cli
-    from benchmark.records import code_version, environment, read_record, write_record
+    from benchmark.records import code_version, environment, read_record, write_json, write_record
 
     try:
         previous = read_record(spec.record_path) if spec.record_path.exists() else None
@@ -80,7 +80,7 @@ def train_and_evaluate(spec: RunSpec) -> dict:
 
     record = {"study": spec.study, "run": spec.name, "dataset": spec.dataset, "variant": spec.variant,
               "seed": spec.seed, "setting": spec.setting, "default_setting": spec.default_setting,
-              "budget": spec.budget, "spec_digest": spec.digest, "status": "running", "reason": None,
+              "budget": spec.budget, "spec_digest": spec.digest, "spec_protocol": spec.protocol(), "status": "running", "reason": None,
               "diverged_step": None,
               "config": config, "code": code_version(), "env": environment(), "device": None,
               "timings": {}, "metrics": {}, "protocol": {}, "samples": None, "latent_map": None,
@@ -88,6 +88,8 @@ def train_and_evaluate(spec: RunSpec) -> dict:
     trainer = cli.instantiate_trainer(logger=logger, callbacks=run_callbacks(ckpt_dir, counter))
     record["device"] = _device_name(trainer)
     last = ckpt_dir / "last.ckpt"
+    spec.run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(spec.protocol_path, {"digest": spec.digest, "protocol": spec.protocol()})
     continued = _continue_shorter_budget(spec, last)
     resumed = last.exists()
     try:

@@ -52,24 +52,48 @@ class RunSpec:
         return Path(self.work_dir) / self.study / self.name
 
     @property
+    def protocol_path(self) -> Path:
+        """Beside the run's checkpoints: the protocol they were trained by."""
+        return self.run_dir / "protocol.json"
+
+    @property
     def log_path(self) -> Path:
         """Where the run's own output goes (Lightning's lines, progress bars, a failed run's traceback)."""
         return self.run_dir / "log.txt"
 
-    @property
-    def digest(self) -> str:
-        """A fingerprint of the protocol: the configs' contents, the overrides and the evaluation, without
-        what names only where files are (``data.path``, cache folders), so that a finished record is reused
-        only by a run of the same protocol."""
-        import hashlib
-
+    def protocol(self) -> dict[str, Any]:
+        """What the run trains and evaluates by: the configs' contents, the overrides, the evaluation and the
+        seed, without what names only where files are (``data.path``, cache folders)."""
         import yaml
 
-        configs = [yaml.safe_load(Path(f).read_text()) if Path(f).is_file() else f for f in self.config_files]
-        overrides = {k: v for k, v in self.overrides.items() if k not in LOCATION_KEYS}
-        evaluation = {k: v for k, v in self.evaluation.items() if k not in LOCATION_KEYS}
-        text = json.dumps([configs, overrides, evaluation, self.seed], sort_keys=True, default=str)
+        return {"configs": [yaml.safe_load(Path(f).read_text()) if Path(f).is_file() else f for f in self.config_files],
+                "overrides": {k: v for k, v in self.overrides.items() if k not in LOCATION_KEYS},
+                "evaluation": {k: v for k, v in self.evaluation.items() if k not in LOCATION_KEYS},
+                "seed": self.seed}
+
+    @property
+    def digest(self) -> str:
+        """A fingerprint of ``protocol()``, so that a finished record or a checkpoint is reused only by a run of
+        the same protocol."""
+        import hashlib
+
+        p = self.protocol()
+        text = json.dumps([p["configs"], p["overrides"], p["evaluation"], p["seed"]], sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def differences(self, protocol: dict[str, Any]) -> list[str]:
+        """How ``protocol`` (another run's) differs from this run's: ``key (theirs -> this run's)`` for each
+        override and evaluation field, and whether the config files' contents differ."""
+        mine, out = self.protocol(), []
+        for part in ("overrides", "evaluation"):
+            theirs, ours = protocol.get(part) or {}, mine[part]
+            for key in sorted(set(theirs) | set(ours)):
+                if json.dumps(theirs.get(key), default=str) != json.dumps(ours.get(key), default=str):
+                    out.append(f"{key} ({theirs.get(key, 'unset')} -> {ours.get(key, 'unset')})")
+        if json.dumps(protocol.get("configs"), sort_keys=True, default=str) != json.dumps(
+                mine["configs"], sort_keys=True, default=str):
+            out.append("the config files' contents")
+        return out
 
     def cli_args(self) -> list[str]:
         args = []

@@ -296,21 +296,33 @@ class Progress:
 
 
 def _finished(spec: RunSpec) -> bool:
-    """Whether the run has a finished record; one written by another protocol (another budget, setting,
-    evaluation or config), or before records named theirs, is refused, never reused: its numbers would be
-    taken for this run's."""
+    """Whether the run has a finished record. A record or a checkpoint of another protocol (another budget,
+    setting, evaluation or config), or a record from before records named theirs, is refused, never reused:
+    its numbers would be taken for this run's, or its training continued under other settings."""
     from benchmark.records import read_record
 
     try:
         record = read_record(spec.record_path) if spec.record_path.exists() else {}
     except ValueError:
+        record = {}
+    finished = record.get("status") == "finished"
+    trained = spec.protocol_path  # written when the run's training starts
+    if finished:
+        theirs, what = record, f"{spec.record_path} was written"
+    elif trained.is_file() and (spec.run_dir / "checkpoints" / "last.ckpt").exists():
+        theirs, what = json.loads(trained.read_text()), f"the checkpoint in {spec.run_dir} was trained"
+        theirs = {"spec_digest": theirs.get("digest"), "spec_protocol": theirs.get("protocol")}
+    else:
         return False
-    if record.get("status") == "finished" and record.get("spec_digest") != spec.digest:
-        why = "another protocol than this run's (configs, --set or evaluation differ)" if record.get(
-            "spec_digest") else "a version that did not record its protocol"
-        raise UsageError(f"{spec.record_path} was written by {why}; pass --results NEW_FOLDER to run the study "
-                         f"apart, or delete the record to rerun it here")
-    return record.get("status") == "finished"
+    if theirs.get("spec_digest") != spec.digest:
+        if theirs.get("spec_digest") is None:
+            why = "by a version that did not record its protocol"
+        else:
+            diff = spec.differences(theirs.get("spec_protocol") or {})
+            why = "by another protocol" + (f" (differs in {', '.join(diff)})" if diff else "")
+        raise UsageError(f"{what} {why}; pass --results and --work-dir NEW_FOLDERS to run the study apart, or "
+                         f"delete it to rerun here")
+    return finished
 
 
 def check_runs(specs: list[RunSpec], results_dir: str, work_dir: str):

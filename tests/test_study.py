@@ -693,11 +693,33 @@ def test_a_finished_record_of_another_protocol_is_refused_and_one_of_the_same_pr
     other = study_mod.expand(swept_study(tmp_path), tmp_path / "r", tmp_path / "w", "disabled",
                              {"model.init_args.latent_dim": 3}, {"iw_samples": 7})[0]
     assert other.record_path == spec.record_path and other.digest != spec.digest
-    with pytest.raises(study_mod.UsageError, match="written by another protocol.*--results NEW_FOLDER"):
+    with pytest.raises(study_mod.UsageError, match="written by another protocol.*--results and --work-dir"):
         study_mod._finished(other)
+    write_record(spec.record_path, {"study": spec.study, "run": spec.name, "status": "finished",
+                                    "spec_digest": spec.digest, "spec_protocol": spec.protocol()}, overwrite=True)
+    with pytest.raises(study_mod.UsageError, match=r"differs in model.init_args.latent_dim \(unset -> 3\), "
+                                                   r"iw_samples \(unset -> 7\)\)"):
+        study_mod._finished(other)  # the message names what differs
     write_record(spec.record_path, {"study": spec.study, "run": spec.name, "status": "finished"}, overwrite=True)
-    with pytest.raises(study_mod.UsageError, match="did not record its protocol.*--results NEW_FOLDER"):
+    with pytest.raises(study_mod.UsageError, match="did not record its protocol"):
         study_mod._finished(spec)  # a record from before the fingerprint: not taken for this run's
+
+
+def test_a_checkpoint_of_another_protocol_is_never_resumed(tmp_path):
+    """A run killed before its record, rerun with another budget: its checkpoint is refused, not continued."""
+    from benchmark.records import write_json
+
+    [spec] = study_mod.expand(swept_study(tmp_path, variants=["vae"], seeds=[0], sweep={}, budgets=[2]),
+                              tmp_path / "r", tmp_path / "w", "disabled")
+    (spec.run_dir / "checkpoints").mkdir(parents=True)
+    (spec.run_dir / "checkpoints" / "last.ckpt").write_bytes(b"weights")
+    write_json(spec.protocol_path, {"digest": spec.digest, "protocol": spec.protocol()})
+    assert not study_mod._finished(spec)  # the same protocol: resumed
+    [longer] = study_mod.expand(swept_study(tmp_path, variants=["vae"], seeds=[0], sweep={}, budgets=[2]),
+                                tmp_path / "r", tmp_path / "w", "disabled", {"model.init_args.lr": 0.01})
+    with pytest.raises(study_mod.UsageError, match=r"checkpoint in .* trained by another protocol "
+                                                   r"\(differs in model.init_args.lr \(unset -> 0.01\)\)"):
+        study_mod._finished(longer)
 
 
 def test_a_budget_ladder_run_continues_the_shorter_one_to_the_numbers_of_a_run_trained_straight(tmp_path):
