@@ -742,8 +742,9 @@ def selection_markdown(sweep: Sequence[Group], records: Sequence[dict]) -> list[
     lines = ["## Selection on the validation split", "",
              "Each variant's setting is chosen per budget on the validation split alone, by the mean over seeds "
              "of one criterion: " + "; ".join(f"**{name}**: `{c}` {_arrow(c)}" for name, c in CRITERIA.items())
-             + ". A setting with a diverged or failed run is not chosen. The test metrics of the chosen settings "
-             "are the tuned tables below; `untuned` is the configured setting.", ""]
+             + ", compared on the seeds every eligible setting finished. A setting with a diverged or failed run is "
+             "not chosen, and a budget that lacks one of the variant's settings is not decided. The test metrics "
+             "of the chosen settings are the tuned tables below; `untuned` is the configured setting.", ""]
     tables: dict[tuple, list[Group]] = {}
     for g in sweep:
         tables.setdefault((g.study, g.dataset, g.budget), []).append(g)
@@ -756,9 +757,10 @@ def selection_markdown(sweep: Sequence[Group], records: Sequence[dict]) -> list[
             default = any(r.get("default_setting", True) and setting_label(r) == g.setting
                           and (r.get("study"), r.get("dataset"), r.get("variant"), str(r.get("budget"))) == cell
                           for r in records)
+            undecided = [] if any(cell in chosen[name] for name in CRITERIA) else ["undecided: settings still to run"]
             rows.append([g.variant, g.setting or "–",
                          *[g.validation[c].cell() if c in g.validation else "–" for c in CRITERIA.values()],
-                         str(g.n_diverged + g.n_failed), ", ".join(picked + (["untuned"] if default else [])) or ""])
+                         str(g.n_diverged + g.n_failed), ", ".join(picked + (["untuned"] if default else []) + undecided)])
         lines += _md_table(["variant", "setting", *(f"validation {c} {_arrow(c)}" for c in CRITERIA.values()),
                             "diverged or failed", "chosen for"], rows) + [""]
     return lines

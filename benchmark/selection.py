@@ -3,10 +3,11 @@
 A run record of a swept study carries its ``setting`` (the swept keys' values), whether that is the
 configured one (``default_setting``), its ``budget`` and its ``validation`` criteria (``evaluate`` measures
 them on the validation split, apart from the test metrics in ``metrics``). Per (study, dataset, variant,
-budget) a criterion picks the setting whose mean over the seeds it finished is best; a setting with a
-diverged or failed run is never picked. Each criterion gives a view of the records, the tuned table of
-that criterion; the configured settings give the untuned view. Nothing here reads ``metrics``: a test
-metric cannot move a selection.
+budget) a criterion picks the setting whose mean over the seeds that every eligible setting finished is
+best; a setting with a diverged or failed run is never picked, and a cell that lacks a setting the variant
+has elsewhere in the study (a study still running) is not decided. Each criterion gives a view of the
+records, the tuned table of that criterion; the configured settings give the untuned view. Nothing here
+reads ``metrics``: a test metric cannot move a selection.
 """
 
 from __future__ import annotations
@@ -46,9 +47,12 @@ class Candidate:
     values: dict
     n_bad: int = 0  # diverged or failed
 
-    def mean(self) -> float:
-        finite = [v for v in self.values.values() if isinstance(v, (int, float)) and math.isfinite(v)]
-        return math.fsum(finite) / len(finite) if finite else math.nan
+    def mean(self, seeds=None) -> float:
+        """The mean criterion over ``seeds`` (default: every seed it finished); NaN if one is not finite."""
+        values = [self.values.get(s) for s in (self.values if seeds is None else seeds)]
+        if not values or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+            return math.nan
+        return math.fsum(values) / len(values)
 
 
 def candidates(records: Iterable[dict], criterion: str) -> dict[tuple, list[Candidate]]:
@@ -67,24 +71,33 @@ def candidates(records: Iterable[dict], criterion: str) -> dict[tuple, list[Cand
 
 
 def select(records: Iterable[dict], criterion: str) -> dict[tuple, str]:
-    """The chosen setting's label per cell. A cell of one setting keeps it; otherwise the setting with the
-    best mean criterion among those whose every run finished (ties: the configured one, then the label);
-    a cell where no setting qualifies is left out."""
+    """The chosen setting's label per cell. A variant without a sweep keeps its one setting. Otherwise, once
+    the cell has every setting the variant has anywhere in the study, its configured one included: among the
+    settings whose every run finished, the one with the best mean criterion over the seeds they all finished
+    (paired; ties: the configured one, then the label). An undecided cell is left out."""
+    records = list(records)
     better = K.HIGHER_IS_BETTER[criterion]
+    grid: dict[tuple, set[str]] = {}  # (study, dataset, variant) -> every setting label it has
+    for r in records:
+        grid.setdefault(cell_of(r)[:3], set()).add(setting_label(r))
     chosen = {}
     for cell, options in candidates(records, criterion).items():
-        if len(options) == 1:
+        if len(grid[cell[:3]]) == 1:
             chosen[cell] = options[0].label
             continue
-        ok = [c for c in options if c.n_bad == 0 and math.isfinite(c.mean())]
+        if {c.label for c in options} != grid[cell[:3]] or not any(c.default for c in options):
+            continue  # a setting still to run
+        ok = [c for c in options if c.n_bad == 0]
+        seeds = set.intersection(*(set(c.values) for c in ok)) if ok else set()
+        ok = [c for c in ok if seeds and math.isfinite(c.mean(seeds))]
         if ok:
-            best = min(ok, key=lambda c: ((-1 if better else 1) * c.mean(), not c.default, c.label))
+            best = min(ok, key=lambda c: ((-1 if better else 1) * c.mean(seeds), not c.default, c.label))
             chosen[cell] = best.label
     return chosen
 
 
 def is_swept(records: Sequence[dict]) -> bool:
-    return any(len(options) > 1 for options in candidates(records, K.ELBO_POSTHOC).values())
+    return len({setting_label(r) for r in records}) > 1
 
 
 def views(records: Sequence[dict]) -> list[tuple[str | None, list[dict]]]:

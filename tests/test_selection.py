@@ -137,3 +137,31 @@ def test_the_rankings_section_says_whether_the_order_changed_between_budgets(tmp
     line = next(x for x in text.splitlines() if x.startswith("- 10 → 30 epochs") and "nll_iw" not in x)
     assert ("1 pair(s) change places: vae/ae" in line) == budget_rank_change
     assert ("same order" in line) != budget_rank_change
+
+
+def test_a_budget_still_missing_a_setting_is_undecided_and_settings_are_compared_on_common_seeds(tmp_path):
+    records = sweep_records()
+    cell = ("s", "mnist_binary", "wae_mmd", "10")
+    partial = [r for r in records if not (r["variant"] == "wae_mmd" and r["setting"]["model.init_args.weight"] == 1.0)]
+    assert cell in select(records, K.ELBO_POSTHOC)
+    assert cell in select(partial, K.ELBO_POSTHOC)  # weight 1 appears nowhere: the sweep is {10, 100} so far
+    partial.append(run("wae_mmd", 0, 1.0, budget=30))  # now the variant has weight 1 at another budget
+    assert cell not in select(partial, K.ELBO_POSTHOC)
+    without_default = [r for r in records if not (r["variant"] == "wae_mmd" and r["default_setting"])]
+    assert cell not in select(without_default + [run("wae_mmd", 0, 10.0, budget=30)], K.KID_PRIOR)
+    # weight 100 finished seed 0 only, where it is worst; on all three seeds it would be best (test above)
+    lone = [r for r in records if not (r["variant"] == "wae_mmd" and r["seed"] > 0
+                                       and r["setting"]["model.init_args.weight"] == 100.0)]
+    for r in lone:
+        if r["variant"] == "wae_mmd" and r["seed"] == 0:
+            r["validation"][K.ELBO_POSTHOC] = {1.0: -97.0, 10.0: -96.0, 100.0: -98.0}[r["setting"]["model.init_args.weight"]]
+    assert select(lone, K.ELBO_POSTHOC)[cell] == "weight=10"  # seed 0 alone: the paired comparison
+    for r in lone:
+        write_record(tmp_path / "runs" / r["study"] / f"{r['run']}.json", r)
+    text = write_leaderboard(tmp_path).read_text()
+    assert "undecided" not in text
+    write_record(tmp_path / "runs" / "s" / "extra.json", {**run("wae_mmd", 0, 1.0, budget=30), "run": "extra"})
+    text = write_leaderboard(tmp_path).read_text()
+    at_30 = text.split("### s / mnist_binary / 30 epochs")[1].split("\n## ")[0]
+    row = next(line for line in at_30.splitlines() if line.startswith("| wae_mmd | weight=1 |"))
+    assert row.rstrip(" |").endswith("undecided: settings still to run")  # weights 10 and 100 yet to run
