@@ -1,4 +1,4 @@
-"""The ``latent-bench`` entry point.
+"""latent-bench: train, evaluate and compare latent-variable models.
 
     latent-bench fit  --config configs/trainer/cpu.yaml --config configs/model/vae.yaml --config configs/data/digits.yaml
     latent-bench test --config ... --ckpt_path CKPT
@@ -16,7 +16,7 @@ import logging
 import sys
 from contextlib import contextmanager
 
-from benchmark.errors import INTERRUPTED, Interrupted, UsageError
+from benchmark.errors import INTERRUPTED, Interrupted, UsageError, plain
 
 
 @contextmanager
@@ -62,15 +62,14 @@ def main(argv=None) -> int:
         elif command == "run":
             from benchmark.study import main as study_main
             return study_main(argv[1:])  # 1 when a run failed or diverged
-        elif command == "evaluate":
+        elif command == "evaluate":  # Lightning's lines stay on stderr: stdout is the JSON alone
             from benchmark.runner import evaluate_checkpoint_main
-            with lightning_info_on_stdout():
-                evaluate_checkpoint_main(argv[1:])
+            evaluate_checkpoint_main(argv[1:])
         elif command == "leaderboard":
             from benchmark.records import leaderboard_main
             leaderboard_main(argv[1:])
         else:
-            print(__doc__.strip())
+            print(plain(__doc__).strip())
             return 0 if command in ("-h", "--help") else 2
     except UsageError as e:
         print(f"latent-bench: error: {' '.join(str(e).split())}", file=sys.stderr)  # one line, always

@@ -18,3 +18,8 @@ def failure_reason(e: BaseException) -> str:
     """``Type: first line of the message``: what a record or a progress line says of a failed run (a NaN
     tensor's repr alone is 60 lines; an exception may have no message at all)."""
     return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+
+
+def plain(doc: str) -> str:
+    """A docstring as a terminal shows it: without reST's double backticks."""
+    return doc.replace("``", "")

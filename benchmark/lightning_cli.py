@@ -9,6 +9,7 @@ from argparse import ArgumentError
 
 from lightning.pytorch.cli import LightningCLI
 
+import benchmark.variants  # noqa: F401  (imported, the variants are the subclasses that --help lists)
 from benchmark.data import LatentDataModule
 from benchmark.errors import UsageError
 from benchmark.module import LatentVariableModel

@@ -6,9 +6,11 @@ live in a work folder outside ``results`` (``runs/`` by default, ignored by git)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
+import sys
 import time
 import traceback
 from datetime import datetime, timezone
@@ -18,7 +20,7 @@ from typing import Optional
 import torch
 
 from benchmark.callbacks import Diverged, DivergenceGuard, ImageCount, RNGState
-from benchmark.errors import UsageError, failure_reason
+from benchmark.errors import UsageError, failure_reason, plain
 from benchmark.evaluation import check_extractor, evaluate
 from benchmark.spec import EvaluationConfig, RunSpec
 
@@ -197,14 +199,13 @@ def _log_to_wandb(logger, record: dict, spec: RunSpec):
 def load_checkpoint(ckpt: str | Path, map_location="cpu"):
     """The model and the DataModule (set up) of a run's checkpoint, rebuilt from the hyperparameters it holds."""
     from benchmark.data import LatentDataModule
-    from benchmark.variants import VARIANTS
 
     ckpt = Path(ckpt)
     if not ckpt.is_file():
         raise UsageError(f"checkpoint {ckpt} does not exist; pass runs/<study>/<run>/checkpoints/last.ckpt")
     try:
         saved = torch.load(ckpt, map_location="cpu", weights_only=True)
-        cls = {f"{c.__module__}.{c.__qualname__}": c for c in VARIANTS.values()}[saved["variant_class"]]
+        cls = _variant_class(saved["variant_class"])
         model = cls.load_from_checkpoint(ckpt, map_location=map_location)
         data = LatentDataModule.load_from_checkpoint(ckpt)
     except (KeyError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
@@ -212,6 +213,23 @@ def load_checkpoint(ckpt: str | Path, map_location="cpu"):
     data.prepare_data()
     data.setup("fit")
     return model, data
+
+
+def _variant_class(name: str):
+    """The LatentVariableModel subclass a checkpoint names (``module.Class``), a user's own included."""
+    import importlib
+
+    from benchmark.module import LatentVariableModel
+
+    module, _, qualname = name.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), qualname)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise UsageError(f"the checkpoint's model class {name} cannot be imported ({e}); put its module on "
+                         f"PYTHONPATH") from e
+    if not (isinstance(cls, type) and issubclass(cls, LatentVariableModel)):
+        raise UsageError(f"the checkpoint's model class {name} is not a LatentVariableModel")
+    return cls
 
 
 def evaluate_checkpoint_main(argv: list[str]):
@@ -225,7 +243,7 @@ def evaluate_checkpoint_main(argv: list[str]):
     from benchmark.cli import parse_assignments
     from benchmark.records import write_record
 
-    parser = argparse.ArgumentParser(prog="latent-bench evaluate", description=evaluate_checkpoint_main.__doc__)
+    parser = argparse.ArgumentParser(prog="latent-bench evaluate", description=plain(evaluate_checkpoint_main.__doc__))
     parser.add_argument("checkpoint")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="an EvaluationConfig field, e.g. --set iw_samples=5000")
@@ -240,7 +258,8 @@ def evaluate_checkpoint_main(argv: list[str]):
         return L.Trainer(**{"accelerator": "auto", "devices": 1, "logger": False, "enable_checkpointing": False,
                             "enable_model_summary": False, **overrides})  # with progress bars: minutes on a CPU
 
-    out = evaluate(model, data, cfg, make_trainer)
+    with contextlib.redirect_stdout(sys.stderr):  # progress bars too: stdout is the JSON alone
+        out = evaluate(model, data, cfg, make_trainer)
     print(json.dumps(out["metrics"], indent=2))
     if args.output:
         write_record(args.output, {"study": "evaluate", "run": ckpt.parent.parent.name, "status": "finished",

@@ -513,6 +513,33 @@ def test_evaluate_rebuilds_a_run_from_its_checkpoint_and_reproduces_its_metrics(
         assert metrics[key] == pytest.approx(record["metrics"][key], rel=1e-5), key
 
 
+def test_evaluate_prints_json_alone_on_stdout_and_loads_a_user_s_own_variant(finished_study, tmp_path):
+    """The console script's stdout parses as JSON (Lightning's lines go to stderr), and a checkpoint whose class
+    is a user's subclass of a variant, in a module of their own, is rebuilt as that class."""
+    from benchmark.runner import load_checkpoint
+
+    ckpt = finished_study["work"] / finished_study["study"] / run_name("vae", SEEDS[0]) / "checkpoints" / "last.ckpt"
+    settings = [a for k, v in {**EVALUATION, "seed": SEEDS[0]}.items() for a in ("--set", f"{k}={v}")]
+    proc = subprocess.run([sys.executable, "-m", "benchmark.cli", "evaluate", str(ckpt), *settings], cwd=tmp_path,
+                          env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "nll_iw" in json.loads(proc.stdout)
+    (tmp_path / "my_variants.py").write_text("from benchmark.variants import VAE\n\n\nclass MyVAE(VAE):\n    pass\n")
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+    saved["variant_class"] = saved["hyper_parameters"]["_class_path"] = "my_variants.MyVAE"  # as its own fit saves
+    torch.save(saved, tmp_path / "mine.ckpt")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        model, _ = load_checkpoint(tmp_path / "mine.ckpt")
+    finally:
+        sys.path.remove(str(tmp_path))
+    assert type(model).__qualname__ == "MyVAE"
+    saved["variant_class"] = "my_variants.Missing"
+    torch.save(saved, tmp_path / "gone.ckpt")
+    with pytest.raises(study_mod.UsageError, match="my_variants.Missing cannot be imported"):
+        load_checkpoint(tmp_path / "gone.ckpt")
+
+
 def test_evaluate_rejects_a_file_that_is_not_a_checkpoint(tmp_path):
     from benchmark.errors import UsageError
     from benchmark.runner import evaluate_checkpoint_main
