@@ -867,8 +867,23 @@ def write_csv(groups: Sequence[Group], path: str | Path) -> Path:
     return Path(path)
 
 
-def _label(g: Group, many: bool) -> str:
-    return f"{_title(g.table)}: {g.label}" if many else g.label
+def _label(g: Group, groups: Sequence[Group]) -> str:
+    """The group's name in a figure of ``groups`` (one study): its variant and setting, and of its dataset,
+    budget and view what the figure's groups do not share."""
+    parts = [g.label]
+    for part, value in (("dataset", g.dataset), ("budget", f"{g.budget} ep"), ("view", g.view)):
+        if len({getattr(x, part) for x in groups}) > 1 and value:
+            parts.append(value)
+    return " · ".join(parts)
+
+
+def _colours(groups: Sequence[Group]) -> dict[str, tuple]:
+    """One colour per variant, the same in every panel (tab10, then tab20's lighter shades)."""
+    from matplotlib import colormaps
+
+    names = sorted({g.variant for g in groups})
+    palette = [*colormaps["tab10"].colors, *colormaps["tab20"].colors[1::2]]
+    return {v: palette[i % len(palette)] for i, v in enumerate(names)}
 
 
 def _save(fig, path: Path) -> Path:
@@ -899,18 +914,24 @@ def plot_fid_vs_elbo(groups: Sequence[Group], path: str | Path) -> Path | None:
             panels[key] = sample_key, pts
     if not panels:
         return None
-    fig = Figure(figsize=(5 * len(panels), 4), constrained_layout=True)
+    colours = _colours(groups)
+    markers = "osD^vP*Xhp<>"
+    fig = Figure(figsize=(5.5 * len(panels) + 2.5, 4.5), constrained_layout=True)
     for ax, (key, (sample_key, pts)) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels.items()):
-        for g, elbo_key in pts:
+        for i, (g, elbo_key) in enumerate(pts):
             x, y = g.stats[elbo_key], g.stats[sample_key]
-            hollow = elbo_key == K.ELBO_EXPOST
-            ax.errorbar(x.mean, y.mean, xerr=_errorbar(x), yerr=_errorbar(y), fmt="o", capsize=3,
-                        mfc="none" if hollow else None)
-            ax.annotate(g.label, (x.mean, y.mean), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            colour = colours[g.variant]
+            ax.errorbar(x.mean, y.mean, xerr=_errorbar(x), yerr=_errorbar(y), fmt=markers[i % len(markers)],
+                        capsize=3, color=colour, mec=colour, ms=7, label=g.label,
+                        mfc="none" if elbo_key == K.ELBO_EXPOST else colour)  # hollow: the ex-post ELBO
         posthoc = any(elbo_key == K.ELBO_POSTHOC for _, elbo_key in pts)
         xlabel = "ELBO of the post-hoc posterior (nats) →" if posthoc else \
             "ELBO (nats; the encoder's; hollow: ex-post) →"
         ax.set(title=_title(key), xlabel=xlabel, ylabel=f"{_header(sample_key)} of prior samples")
+        ys = [g.stats[sample_key].mean for g, _ in pts]
+        if min(ys) > 0 and max(ys) >= 10 * min(ys):
+            ax.set_yscale("log")  # a collapsed model's samples would squash the others into a corner
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
     return _save(fig, Path(path))
 
 
@@ -923,7 +944,6 @@ def plot_gaussianity(groups: Sequence[Group], path: str | Path) -> Path | None:
     names = [k for k in GAUSSIANITY_PANEL if any(k in g.stats for g in groups)]
     if not names:
         return None
-    many = len({g.table for g in groups}) > 1
     cols = min(3, len(names))
     rows = math.ceil(len(names) / cols)
     fig = Figure(figsize=(5 * cols, 0.3 * len(groups) * rows + 2 * rows), constrained_layout=True)
@@ -932,20 +952,21 @@ def plot_gaussianity(groups: Sequence[Group], path: str | Path) -> Path | None:
         gs = [g for g in groups if name in g.stats]
         means = [g.stats[name].mean for g in gs]
         ax.errorbar(means, range(len(gs)), xerr=[_errorbar(g.stats[name]) for g in gs], fmt="o", capsize=2)
-        ax.set_yticks(range(len(gs)), [_label(g, many) for g in gs])
+        ax.set_yticks(range(len(gs)), [_label(g, groups) for g in gs])
         ax.set_ylim(len(gs) - 0.5, -0.5)  # best-ranked variant on top
         if name in LOG_SCALE and min(means) > 0 and max(means) >= 10 * min(means):
             ax.set_xscale("log")
         ax.set_title(_header(name))
     for ax in axes[len(names):]:
         ax.set_visible(False)
+    fig.suptitle(" / ".join(sorted({_title(g.table) for g in groups})))
     return _save(fig, Path(path))
 
 
 def plot_samples(groups: Sequence[Group], results_dir: str | Path, path: str | Path) -> Path | None:
     """The prior-sample grid of each group's first seed side by side; None if no grid file exists."""
     found = []
-    for g in _ranked(groups):
+    for g in [g for table in _tables(groups).values() for g in rank(table, "Samples")]:
         # A grid path is relative to its record's folder (runs/<study>/) or to RESULTS_DIR.
         candidates = [Path(results_dir) / "runs" / g.study / g.samples, Path(results_dir) / g.samples] \
             if g.samples else []
@@ -963,14 +984,15 @@ def _tiles(found: Sequence[tuple[Group, Path]], path: str | Path, cols: int, siz
 
     if not found:
         return None
-    many = len({g.table for g, _ in found}) > 1
+    import textwrap
+
     cols = min(cols, len(found))
     rows = math.ceil(len(found) / cols)
     fig = Figure(figsize=(size[0] * cols, size[1] * rows), constrained_layout=True)
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     for ax, (g, png) in zip(axes, found):
         ax.imshow(imread(png), cmap="gray")
-        ax.set_title(_label(g, many), fontsize=fontsize)
+        ax.set_title(textwrap.fill(_label(g, [g for g, _ in found]), 30), fontsize=fontsize)
     for ax in axes:
         ax.axis("off")
     return _save(fig, Path(path))
@@ -1004,26 +1026,42 @@ def write_leaderboard(results_dir: str | Path, references: str | Path | None = N
     groups = aggregate(selected)
     paired = _paired_to(selected, reference_variant)
     sweep = aggregate({**r, "view": ALL_SETTINGS} for r in records) if is_swept(records) else []
-    plots = []
-    likelihood, samples = groups, groups  # a swept study's plots show each view that its metric is tuned in
-    if sweep:
-        likelihood = [g for g in groups if g.view == tuned_view("likelihood")]
-        samples = [g for g in groups if g.view == tuned_view("samples")]
-    for name, make in (("fid_vs_elbo.png", lambda p: plot_fid_vs_elbo(likelihood, p)),
-                       ("gaussianity.png", lambda p: plot_gaussianity(likelihood, p)),
-                       ("samples.png", lambda p: plot_samples(samples, root, p)),
-                       ("latent_2d.png", lambda p: plot_latent_maps(likelihood, root, p)),
-                       ("budgets.png", lambda p: plot_budgets(groups, p))):
-        if make(root / name):
-            plots.append(name)
-        else:
-            (root / name).unlink(missing_ok=True)  # never leave a plot of records that are gone
+    plots = _write_plots(groups, root)
     write_csv(groups + sweep, root / "leaderboard.csv")
     write_paired_csv(paired, root / "leaderboard_paired.csv")
     md = root / "leaderboard.md"
     _atomic_write(md, leaderboard_markdown(groups, refs, plots, n_records=len(records), paired=paired,
                                            selection=selection_markdown(sweep, records)))
     return md
+
+
+PLOTS = {  # file stem: (the view whose groups it shows in a swept study, the plot)
+    "fid_vs_elbo": ("likelihood", lambda gs, root, p: plot_fid_vs_elbo(gs, p)),
+    "gaussianity": ("likelihood", lambda gs, root, p: plot_gaussianity(gs, p)),
+    "samples": ("samples", plot_samples),
+    "latent_2d": ("likelihood", plot_latent_maps),
+    "budgets": (None, lambda gs, root, p: plot_budgets(gs, p)),
+}
+
+
+def _write_plots(groups: Sequence[Group], root: Path) -> list[str]:
+    """Each plot, one figure per study (``<stem>.png`` when the folder holds one study, else
+    ``<stem>_<study>.png``); a swept study's figure shows the view tuned for its metric. A plot file left from
+    records that are gone is removed. Returns the names written."""
+    studies = sorted({g.study for g in groups})
+    written = []
+    for stem, (tuned_for, make) in PLOTS.items():
+        for study in studies:
+            gs = [g for g in groups if g.study == study]
+            if tuned_for and any(g.view for g in gs):
+                gs = [g for g in gs if g.view == tuned_view(tuned_for)]
+            name = f"{stem}.png" if len(studies) == 1 else f"{stem}_{study}.png"
+            if gs and make(gs, root, root / name):
+                written.append(name)
+        for old in [root / f"{stem}.png", *root.glob(f"{stem}_*.png")]:
+            if old.name not in written:
+                old.unlink(missing_ok=True)  # never leave a plot of records that are gone
+    return written
 
 
 def _paired_to(records: Sequence[dict], reference_variant: str) -> list[PairedRow]:
