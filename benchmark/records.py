@@ -45,7 +45,7 @@ from typing import Iterable, Sequence
 
 from benchmark.errors import UsageError
 from benchmark.metrics import keys as K
-from benchmark.selection import CRITERIA, UNTUNED, is_swept, select, setting_label, tuned_view, views
+from benchmark.selection import CRITERIA, UNTUNED, at_edge, is_swept, select, setting_label, tuned_view, views
 
 try:
     import fcntl
@@ -753,7 +753,8 @@ def selection_markdown(sweep: Sequence[Group], records: Sequence[dict]) -> list[
         rows = []
         for g in table:
             cell = (g.study, g.dataset, g.variant, str(g.budget))
-            picked = [name for name in CRITERIA if chosen[name].get(cell) == g.setting]
+            picked = [name + (" (at the sweep's end)" if at_edge(records, cell, g.setting) else "")
+                      for name in CRITERIA if chosen[name].get(cell) == g.setting]
             default = any(r.get("default_setting", True) and setting_label(r) == g.setting
                           and (r.get("study"), r.get("dataset"), r.get("variant"), str(r.get("budget"))) == cell
                           for r in records)

@@ -113,3 +113,15 @@ def views(records: Sequence[dict]) -> list[tuple[str | None, list[dict]]]:
         out.append((view, [{**r, "view": view} for r in records if chosen.get(cell_of(r)) == setting_label(r)]))
     out.append((UNTUNED, [{**r, "view": UNTUNED} for r in records if r.get("default_setting", True)]))
     return out
+
+
+def at_edge(records: Iterable[dict], cell: tuple, label: str) -> bool:
+    """Whether the setting ``label`` of ``cell`` puts a swept number at the smallest or the largest value the
+    cell swept (of three or more): the best setting may then lie beyond the sweep."""
+    settings = [r.get("setting") or {} for r in records if cell_of(r) == cell]
+    chosen = next((s for s in settings if setting_label({"setting": s}) == label), {})
+    for key, value in chosen.items():
+        values = {s[key] for s in settings if isinstance(s.get(key), (int, float))}
+        if isinstance(value, (int, float)) and len(values) >= 3 and value in (min(values), max(values)):
+            return True
+    return False

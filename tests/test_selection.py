@@ -10,7 +10,7 @@ import pytest
 
 from benchmark.metrics import keys as K
 from benchmark.records import write_leaderboard, write_record
-from benchmark.selection import CRITERIA, UNTUNED, cell_of, select, setting_label, tuned_view, views
+from benchmark.selection import CRITERIA, UNTUNED, at_edge, cell_of, select, setting_label, tuned_view, views
 
 WEIGHTS = (1.0, 10.0, 100.0)
 CONFIGURED = 10.0
@@ -105,7 +105,7 @@ def test_the_leaderboard_of_a_swept_study_shows_the_selection_the_tuned_and_untu
     text = write_leaderboard(tmp_path).read_text()
     selection = text.split("## Selection on the validation split")[1].split("\n## ")[0]
     row = next(line for line in selection.splitlines() if line.startswith("| wae_mmd | weight=100 |"))
-    assert row.rstrip(" |").endswith("likelihood")
+    assert row.rstrip(" |").endswith("likelihood (at the sweep's end)")  # 100 is the largest weight swept
     row = next(line for line in selection.splitlines() if line.startswith("| wae_mmd | weight=10 |"))
     assert row.rstrip(" |").endswith("untuned")
     heading = f"## s / mnist_binary / 30 epochs — {tuned_view('likelihood')}"
@@ -165,3 +165,12 @@ def test_a_budget_still_missing_a_setting_is_undecided_and_settings_are_compared
     at_30 = text.split("### s / mnist_binary / 30 epochs")[1].split("\n## ")[0]
     row = next(line for line in at_30.splitlines() if line.startswith("| wae_mmd | weight=1 |"))
     assert row.rstrip(" |").endswith("undecided: settings still to run")  # weights 10 and 100 yet to run
+
+
+def test_a_choice_at_either_end_of_a_numeric_sweep_is_flagged():
+    records = sweep_records()
+    cell = ("s", "mnist_binary", "wae_mmd", "10")
+    assert at_edge(records, cell, "weight=1") and at_edge(records, cell, "weight=100")
+    assert not at_edge(records, cell, "weight=10")
+    two = [r for r in records if r["setting"].get("model.init_args.weight") != 100.0]
+    assert not at_edge(two, cell, "weight=1")  # two values have no inside
