@@ -335,6 +335,7 @@ def check_runs(specs: list[RunSpec], results_dir: str, work_dir: str):
     if not specs:
         return
     import logging
+    import warnings
 
     from benchmark.lightning_cli import build_cli
 
@@ -351,7 +352,9 @@ def check_runs(specs: list[RunSpec], results_dir: str, work_dir: str):
                 continue
             seen.add(key)
             try:
-                build_cli(spec.cli_args(), run=False, save_config_callback=None)
+                with warnings.catch_warnings():  # a run's warnings belong in its log, when it runs
+                    warnings.simplefilter("ignore")
+                    build_cli(spec.cli_args(), run=False, save_config_callback=None)
             except UsageError as e:
                 raise UsageError(f"run {spec.name}: {e}") from None
     finally:
@@ -566,8 +569,9 @@ def main(argv: list[str]):
         slurm = json.loads(args.slurm)
     except json.JSONDecodeError as e:
         raise UsageError(f"--slurm {args.slurm!r} is not JSON ({e.msg}); write e.g. '{{\"gpus_per_node\": 1}}'") from e
+    progress.event(study["name"], f"{len(specs)} runs, {progress.skipped} already finished; checking the "
+                                  f"configurations of the {len(todo)} to run")
     check_runs(todo, args.results, args.work_dir)
-    progress.event(study["name"], f"{len(specs)} runs, {progress.skipped} already finished")
     previous = signal.signal(signal.SIGINT, _interrupt)  # Lightning would turn a KeyboardInterrupt into exit(1)
     try:
         if args.executor != "local":
