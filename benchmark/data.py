@@ -42,18 +42,20 @@ class DatasetSpec:
     load: Callable[[Path, Optional[Path]], Arrays]
     val_size: int
     levels: int  # intensity levels of the source; its images are k / (levels - 1)
+    folder: Optional[str] = None  # what a data.path folder must hold (torchvision's folder of the dataset)
 
 
 DATASETS: dict[str, DatasetSpec] = {}
 
 
-def register_dataset(name: str, shape: tuple[int, int, int], val_size: int, levels: int = 256):
+def register_dataset(name: str, shape: tuple[int, int, int], val_size: int, levels: int = 256,
+                     folder: Optional[str] = None):
     def wrap(load):
         if name in DATASETS:
             raise KeyError(f"dataset {name!r} is already registered")
         if levels < 2:
             raise ValueError(f"dataset {name!r} needs at least 2 intensity levels, got {levels}")
-        DATASETS[name] = DatasetSpec(shape, load, val_size, levels)
+        DATASETS[name] = DatasetSpec(shape, load, val_size, levels, folder)
         return load
     return wrap
 
@@ -93,7 +95,7 @@ def load_digits(root: Path, path: Optional[Path]) -> Arrays:
     return x[train], y[train], x[test], y[test]
 
 
-@register_dataset("mnist", shape=(1, 28, 28), val_size=10_000)
+@register_dataset("mnist", shape=(1, 28, 28), val_size=10_000, folder="MNIST")
 def load_mnist(root: Path, path: Optional[Path]) -> Arrays:
     """MNIST from, in order: a local `mnist.pkl.gz` (the classic pickle: its train and valid parts are the
     standard 60k training set), a local folder of torchvision's raw files, else torchvision's download."""
@@ -110,20 +112,20 @@ def load_mnist(root: Path, path: Optional[Path]) -> Arrays:
         x = torch.cat([_pickle_images(xtr, shape), _pickle_images(xva, shape)])
         y = torch.cat([torch.as_tensor(ytr), torch.as_tensor(yva)]).long()
         return x, y, _pickle_images(xte, shape), torch.as_tensor(yte).long()
-    return _torchvision("MNIST", path or root, (1, 28, 28))
+    return _torchvision("MNIST", root, path, (1, 28, 28))
 
 
-@register_dataset("fashion_mnist", shape=(1, 28, 28), val_size=10_000)
+@register_dataset("fashion_mnist", shape=(1, 28, 28), val_size=10_000, folder="FashionMNIST")
 def load_fashion_mnist(root: Path, path: Optional[Path]) -> Arrays:
-    return _torchvision("FashionMNIST", path or root, (1, 28, 28))
+    return _torchvision("FashionMNIST", root, path, (1, 28, 28))
 
 
-@register_dataset("cifar10", shape=(3, 32, 32), val_size=5_000)
+@register_dataset("cifar10", shape=(3, 32, 32), val_size=5_000, folder="cifar-10-batches-py")
 def load_cifar10(root: Path, path: Optional[Path]) -> Arrays:
-    return _torchvision("CIFAR10", path or root, (3, 32, 32))
+    return _torchvision("CIFAR10", root, path, (3, 32, 32))
 
 
-@register_dataset("celeba64", shape=(3, 64, 64), val_size=10_000)
+@register_dataset("celeba64", shape=(3, 64, 64), val_size=10_000, folder="celeba")
 def load_celeba64(root: Path, path: Optional[Path]) -> Arrays:
     """CelebA aligned faces, centre-cropped to 140 and resized to 64 (the usual 64x64 protocol);
     its official train+valid splits form the training set here, test is the official test split."""
@@ -153,15 +155,23 @@ def _reading(name: str, root: Path):
                          "files there (checksums must match) or check the network, then retry") from e
 
 
-def _torchvision(name: str, root: Path, shape) -> Arrays:
-    """A torchvision dataset read whole into tensors; downloaded to `root` if its files are absent."""
+def _torchvision(name: str, root: Path, path: Optional[Path], shape) -> Arrays:
+    """A torchvision dataset read whole into tensors: from ``path`` (a folder with torchvision's files; never
+    downloaded into, so a wrong folder is an error, not a download), else from ``root``, downloaded there if
+    its files are absent."""
     from torchvision import datasets
 
     cls = getattr(datasets, name)
     out = []
     for train in (True, False):
-        with _reading(name, root):
-            ds = cls(str(root), train=train, download=True)
+        with _reading(name, path or root):
+            try:
+                ds = cls(str(path or root), train=train, download=path is None)
+            except RuntimeError as e:
+                if path is None:
+                    raise
+                raise UsageError(f"no {name} files under data.path {path} (torchvision's {name}/ folder); fix "
+                                 f"data.path, or drop it to download to data.root") from e
         x = ds.data if isinstance(ds.data, Tensor) else torch.as_tensor(ds.data)
         if x.ndim == 4 and x.shape[-1] == 3:  # CIFAR stores (N, H, W, C)
             x = x.permute(0, 3, 1, 2)
@@ -280,6 +290,11 @@ class LatentDataModule(L.LightningDataModule):
                              "drop data.path, or choose a dataset that has files")
         if path is not None and not Path(path).exists():
             raise UsageError(f"data file {path} does not exist; fix data.path or drop it to download")
+        folder = DATASETS[dataset].folder
+        if path is not None and Path(path).is_dir() and folder and not (Path(path) / folder).is_dir():
+            raise UsageError(f"data.path {path} holds no {folder}/ folder, where torchvision keeps {dataset}'s "
+                             f"files; point data.path at the folder above it (or at mnist.pkl.gz for mnist), or "
+                             f"drop it to download to data.root")
         self.save_hyperparameters()
         self.spec = DATASETS[dataset]
         self.splits: dict[str, TensorImages] = {}

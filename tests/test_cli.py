@@ -94,6 +94,8 @@ BAD_RUN = {  # case: (study YAML, extra arguments, words the error line must con
     "a negative batch size": (STUDY, ["--set", "data.batch_size=-5"], ["run digits-vae-s0", "data.batch_size", "-5"]),
     "a budget that is no number": (STUDY, ["--set", "trainer.max_epochs=ten"], ["trainer.max_epochs=ten", "integer"]),
     "a data file for the embedded digits": (STUDY, ["--set", "data.path={inputs}/mnist.pkl.gz"], ["embedded", "data.path"]),
+    "a folder without MNIST": (STUDY, ["--set", "data.dataset=mnist", "--set", "data.path={inputs}"],
+                               ["holds no MNIST/ folder", "data.path"]),
     "results under a file": (STUDY, ["--results", "{inputs}/mnist.pkl.gz/results"], ["--results", "not a writable folder"]),
     "slurm parameters that are not JSON": (STUDY, ["--slurm", "gpus=1"], ["--slurm", "not JSON"]),
 }
@@ -108,6 +110,7 @@ def test_bad_run_input_is_refused_before_anything_trains(case, inputs, workdir, 
     assert cli.main(argv) == 2
     assert_one_error_line(capsys.readouterr().err, *named)
     assert files_under(workdir) == [] and not (workdir / "results").exists() and not (workdir / "runs").exists()
+    assert not (inputs / "MNIST").exists()  # nothing downloaded into a folder given as data
 
 
 def test_run_passes_on_the_study_exit_status(monkeypatch):
