@@ -677,6 +677,16 @@ def _protocol_lines(table: Sequence[Group]) -> list[str]:
     return lines + [""] if lines else []
 
 
+def _budget_line(table: Sequence[Group]) -> str:
+    """The table's training budget and seeds, so that no cell is read without them."""
+    epochs = sorted({str(g.protocol.get("epochs")) for g in table if g.protocol.get("epochs") not in (None, MIXED)})
+    seeds = sorted({len(g.seeds) for g in table})
+    budget = f"{' / '.join(epochs)} epochs" if epochs else "budget not recorded"
+    n = f"{seeds[0]}" if len(seeds) == 1 else f"{seeds[0]}-{seeds[-1]}"
+    return (f"Trained {budget}; {n} seed(s) a row" + (" (one seed: no CI, the cells read ± n/a)."
+                                                      if seeds == [1] else "."))
+
+
 def leaderboard_markdown(groups: Sequence[Group], references: Sequence[dict] = (), plots: Sequence[str] = (),
                          n_records: int = 0, paired: Sequence[PairedRow] = (), selection: Sequence[str] = ()) -> str:
     lines = ["# Leaderboard", "",
@@ -684,7 +694,7 @@ def leaderboard_markdown(groups: Sequence[Group], references: Sequence[dict] = (
              "↑ higher is better, ↓ lower is better. Diverged and failed runs are counted, not averaged.", ""]
     lines += selection
     for key, table in _tables(groups).items():
-        lines += [f"## {_title(key)}", ""]
+        lines += [f"## {_title(key)}", "", _budget_line(table), ""]
         present = sorted({k for g in table for k in g.stats}, key=_metric_order)
         headline = set(HEADLINE_KEYS)
         lines += _protocol_lines(table)
