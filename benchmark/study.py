@@ -395,6 +395,12 @@ def run_workers(specs: list[RunSpec], slots: list[str], progress: Progress, run=
     takes runs one after another, so Python, torch and Lightning load once per slot, not once per run. A
     worker that dies takes only its current run with it: that run is recorded as failed, the slot restarts."""
     ctx = multiprocessing.get_context("spawn")  # a fork would copy this process's torch threads and CUDA state
+    # A worker killed mid-run (Ctrl-C, a crash) leaves its semaphores (tqdm's lock) to the resource tracker,
+    # which removes them and warns on the console after the study's last line; the tracker takes its warning
+    # filters from this process's when it starts, on the first spawn.
+    quiet = "ignore::UserWarning:multiprocessing.resource_tracker"
+    if quiet not in sys.warnoptions:
+        sys.warnoptions.append(quiet)
     threads = max(1, (os.cpu_count() or 1) // len(slots))  # the cores are shared by every slot
     pending, workers, running = list(specs), {}, {}  # slot -> (process, pipe); slot -> spec
     try:

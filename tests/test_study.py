@@ -779,6 +779,8 @@ def test_ctrl_c_prints_one_line_exits_130_and_the_rerun_resumes(tmp_path, device
     ckpt = work / "stop" / run_name("vae", 0) / "checkpoints" / "last.ckpt"
     cmd = [sys.executable, "-m", "benchmark.cli", "run", str(path), "--results", str(results), "--work-dir", str(work),
            "--wandb", "disabled", *(["--devices", devices] if devices else [])]
+    if devices:  # a progress bar's lock is a semaphore that a killed worker leaves behind
+        cmd += ["--set", "trainer.enable_progress_bar=true"]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
     try:
@@ -794,5 +796,6 @@ def test_ctrl_c_prints_one_line_exits_130_and_the_rerun_resumes(tmp_path, device
     assert proc.returncode == 130, (out, err)
     assert err.strip().splitlines() == ["latent-bench: interrupted; rerun the same command to resume"], err
     assert not (results / "runs" / "stop" / f"{run_name('vae', 0)}.json").exists()  # interrupted is not failed
-    assert run_study(path, results, work, "--wandb", "disabled", "--seeds", "0") == 0
+    extra = ["--set", "trainer.enable_progress_bar=true"] if devices else []
+    assert run_study(path, results, work, "--wandb", "disabled", "--seeds", "0", *extra) == 0
     assert read_record(results / "runs" / "stop" / f"{run_name('vae', 0)}.json")["timings"]["resumed"] is True
