@@ -846,14 +846,18 @@ def plot_budgets(groups: Sequence[Group], path: str | Path) -> Path | None:
     series = {k: v for k, v in series.items() if len({b for pts in v.values() for b, _ in pts}) > 1}
     if not series:
         return None
+    colours = _colours(groups)
+    tuned = {metric: name for _, metric, name in RANKINGS}
+    swept = any(g.view for g in groups)
     fig = Figure(figsize=(6 * len(series), 4.5), constrained_layout=True)
     for ax, ((study, dataset, metric), by_variant) in zip(fig.subplots(1, len(series), squeeze=False)[0],
                                                           series.items()):
         for variant, pts in sorted(by_variant.items()):
             pts.sort(key=lambda p: p[0])
             ax.errorbar([b for b, _ in pts], [st.mean for _, st in pts], yerr=[_errorbar(st) for _, st in pts],
-                        marker="o", capsize=3, label=variant)
-        ax.set(title=f"{study} / {dataset}", xlabel="budget (epochs)", ylabel=f"{_header(metric)}")
+                        marker="o", capsize=3, label=variant, color=colours[variant])
+        title = f"{study} / {dataset}" + (f"\n{tuned_view(tuned[metric])}" if swept else "")
+        ax.set(title=title, xlabel="budget (epochs)", ylabel=f"{_header(metric)}")
         ax.set_xticks(sorted({b for pts in by_variant.values() for b, _ in pts}))
         ax.legend(fontsize=7, ncol=2)
     return _save(fig, Path(path))
