@@ -7,6 +7,7 @@ import re
 import warnings
 from argparse import ArgumentError
 
+from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch.cli import LightningCLI
 
 import benchmark.variants  # noqa: F401  (imported, the variants are the subclasses that --help lists)
@@ -46,6 +47,13 @@ def check_compatible(model: LatentVariableModel, data: LatentDataModule):
                          f"{data.levels}; drop model.init_args.levels (it is linked from the data)")
 
 
+class PlainHelpFormatter(DefaultHelpFormatter):
+    """--help without reST's double backticks (Lightning's and this package's docstrings use them)."""
+
+    def _expand_help(self, action) -> str:
+        return super()._expand_help(action).replace("``", "")
+
+
 def build_cli(args, run: bool = True, **kwargs) -> LatentBenchCLI:
     """Parse ``args`` (a list of CLI tokens) into the model, data and trainer; bad input -> UsageError."""
     try:
@@ -53,7 +61,8 @@ def build_cli(args, run: bool = True, **kwargs) -> LatentBenchCLI:
             warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
             return LatentBenchCLI(LatentVariableModel, LatentDataModule, subclass_mode_model=True, args=args,
                                   run=run, seed_everything_default=0,
-                                  parser_kwargs={"exit_on_error": False, "default_env": False}, **kwargs)
+                                  parser_kwargs={"exit_on_error": False, "default_env": False,
+                                                 "formatter_class": PlainHelpFormatter}, **kwargs)
     except ArgumentError as e:
         raise UsageError(_one_line(e)) from e
     except Exception as e:  # jsonargparse wraps errors raised while instantiating classes
