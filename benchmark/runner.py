@@ -32,14 +32,19 @@ def _device_name(trainer) -> str:
 
 
 def _logger(spec: RunSpec, config: dict):
+    """The run's WandbLogger, its W&B run started (offline where the server cannot be reached), and the line
+    that says so; (False, None) with W&B disabled."""
     if spec.wandb == "disabled":
-        return False
+        return False, None
     from lightning.pytorch.loggers import WandbLogger
 
+    from benchmark.tracking import start
+
     spec.run_dir.mkdir(parents=True, exist_ok=True)
-    return WandbLogger(project=os.environ.get("WANDB_PROJECT", "latent-bench"), group=spec.study,
-                       name=spec.name, id=f"{spec.study}-{spec.name}".replace("/", "-"), resume="allow",
-                       save_dir=str(spec.run_dir), mode=spec.wandb, config=config)
+    return start(lambda mode: WandbLogger(
+        project=os.environ.get("WANDB_PROJECT", "latent-bench"), group=spec.study, name=spec.name,
+        id=f"{spec.study}-{spec.name}".replace("/", "-"), resume="allow", save_dir=str(spec.run_dir), mode=mode,
+        config=config), spec.wandb)
 
 
 def run_callbacks(ckpt_dir: Path, counter: ImageCount) -> list:
@@ -72,7 +77,9 @@ def train_and_evaluate(spec: RunSpec) -> dict:
     config["model"]["init_args"]["data_shape"] = list(model.hparams.data_shape)
     eval_cfg = EvaluationConfig(**{"seed": spec.seed, **spec.evaluation})
     check_extractor(eval_cfg)
-    logger = _logger(spec, config)
+    logger, offline = _logger(spec, config)
+    if offline:
+        print(offline, file=sys.stderr, flush=True)
     ckpt_dir = spec.run_dir / "checkpoints"
     counter = ImageCount()
 
@@ -85,7 +92,7 @@ def train_and_evaluate(spec: RunSpec) -> dict:
               "budget": spec.budget, "spec_digest": spec.digest, "spec_protocol": spec.protocol(), "status": "running", "reason": None,
               "diverged_step": None,
               "config": config, "code": code_version(), "env": environment(), "device": None,
-              "timings": {}, "metrics": {}, "protocol": {}, "samples": None, "latent_map": None,
+              "timings": {}, "metrics": {}, "protocol": {}, "samples": None, "latent_map": None, "wandb_offline": offline,
               "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     trainer = cli.instantiate_trainer(logger=logger, callbacks=run_callbacks(ckpt_dir, counter))
     record["device"] = _device_name(trainer)

@@ -45,6 +45,8 @@ import yaml
 
 from benchmark.errors import Interrupted, UsageError, failure_reason
 from benchmark.spec import EvaluationConfig, RunSpec, format_value
+from benchmark.tracking import offline_note
+from benchmark.tracking import resolve as resolve_wandb
 
 STUDY_FIELDS = {"name", "configs", "trainer", "datasets", "variants", "seeds", "overrides", "variant_overrides",
                 "evaluation", "sweep", "budgets"}
@@ -292,7 +294,8 @@ class Progress:
         self.failed += record.get("status") != "finished"
         took = record.get("timings", {}).get("train_s")
         self.event(name, record["status"] + (f" ({took:.1f} s training)" if took else "")
-                   + (f": {record['reason']}" if record.get("reason") else ""))
+                   + (f": {record['reason']}" if record.get("reason") else "")
+                   + (f"; {record['wandb_offline']}" if record.get("wandb_offline") else ""))
 
 
 def _finished(spec: RunSpec) -> bool:
@@ -555,7 +558,7 @@ def main(argv: list[str]):
 
     overrides = parse_assignments(args.set)
     evaluation = {k.removeprefix("evaluation."): overrides.pop(k) for k in list(overrides) if k.startswith("evaluation.")}
-    wandb = args.wandb or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+    wandb, unreachable = resolve_wandb(args.wandb or ("online" if os.environ.get("WANDB_API_KEY") else "offline"))
     study = select(load_study(args.study), datasets=args.datasets, variants=args.variants, seeds=args.seeds,
                    budgets=args.budgets)
     specs = expand(study, args.results, args.work_dir, wandb, overrides, evaluation)
@@ -575,6 +578,10 @@ def main(argv: list[str]):
         slurm = json.loads(args.slurm)
     except json.JSONDecodeError as e:
         raise UsageError(f"--slurm {args.slurm!r} is not JSON ({e.msg}); write e.g. '{{\"gpus_per_node\": 1}}'") from e
+    if unreachable:
+        folder = Path(args.work_dir, study["name"])
+        progress.event(study["name"], offline_note(unreachable, f"{folder}/*/wandb/offline-run-* "
+                                                                f"{folder}/wandb/offline-run-*"))
     progress.event(study["name"], f"{len(specs)} runs, {progress.skipped} already finished; checking the "
                                   f"configurations of the {len(todo)} to run")
     check_runs(todo, args.results, args.work_dir)
@@ -593,7 +600,7 @@ def main(argv: list[str]):
 
     md = write_leaderboard(args.results)
     progress.event(study["name"], f"leaderboard written to {md}")
-    _log_leaderboard(study["name"], Path(args.results), args.work_dir, wandb)
+    _log_leaderboard(study["name"], Path(args.results), args.work_dir, wandb, progress)
     return 0 if progress.failed == 0 else 1
 
 
@@ -601,20 +608,31 @@ def _interrupt(signum, frame):
     raise Interrupted()
 
 
-def _log_leaderboard(study: str, results: Path, work_dir: str, mode: str):
-    """The study's leaderboard as a ``wandb.Table`` in the study's W&B group."""
+def _log_leaderboard(study: str, results: Path, work_dir: str, mode: str, progress: Progress):
+    """The study's leaderboard as a ``wandb.Table`` in the study's W&B group; a failure to log it is one line,
+    never the study's end: the leaderboard files are written already."""
     if mode == "disabled" or not (results / "leaderboard.csv").is_file():
         return
     import csv
 
     import wandb
 
+    from benchmark.tracking import start
+
     with (results / "leaderboard.csv").open() as f:
         header, *rows = csv.reader(f)
     numeric = {"mean", "std", "ci95", "n"}  # text in the CSV, numbers in the table: W&B sorts and plots them
     data = [[(float(v) if v else None) if c in numeric else v for c, v in zip(header, row)] for row in rows]
     Path(work_dir, study).mkdir(parents=True, exist_ok=True)
-    run = wandb.init(project=os.environ.get("WANDB_PROJECT", "latent-bench"), group=study, name=f"{study}-leaderboard",
-                     job_type="leaderboard", dir=str(Path(work_dir, study)), mode=mode, reinit="create_new")
-    run.log({"leaderboard": wandb.Table(columns=header, data=data)})
-    run.finish()
+    try:
+        run, offline = start(lambda m: wandb.init(
+            project=os.environ.get("WANDB_PROJECT", "latent-bench"), group=study, name=f"{study}-leaderboard",
+            job_type="leaderboard", dir=str(Path(work_dir, study)), mode=m, reinit="create_new",
+            settings=wandb.Settings(silent=True)), mode)
+        run.log({"leaderboard": wandb.Table(columns=header, data=data)})
+        run.finish()
+    except Exception as e:  # noqa: BLE001 -- W&B's own errors and anything its service raises
+        progress.event(study, f"leaderboard not logged to W&B: {failure_reason(e)}")
+        return
+    if offline:
+        progress.event(study, offline)
