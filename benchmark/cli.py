@@ -13,6 +13,7 @@ problem and the fix, and exits with status 2.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from contextlib import contextmanager
 
@@ -53,6 +54,8 @@ def parse_assignments(items: list[str], fields=None) -> dict:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv else "-h"
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # a user's variant module in the working folder imports, as under python -m
     try:
         # Lightning is imported only by the commands that need it: a study's parent process stays light.
         if command in ("fit", "validate", "test", "predict"):

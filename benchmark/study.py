@@ -18,7 +18,9 @@ A swept key's configured value must be among its values: that run is the untuned
 the order seed, budget, dataset, variant, setting: a study cut short has whole seeds, and a run at a longer
 budget starts after the same run at the shorter one, whose checkpoint it continues.
 
-``configs`` (default: the folder above the study's own) says where the keyed YAMLs live. A run whose record
+``configs`` names a folder of the user's own keyed YAMLs (default: the folder above the study's own, where that
+is a configs folder); a key it lacks comes from the configs that ship with the package, so a study runs from
+any folder, and a study is found by key too (``latent-bench run quick``). A run whose record
 is finished is skipped; an interrupted one resumes from its last checkpoint. Runs go one after another in
 this process, side by side in worker processes (``--devices``: one per GPU, or N CPU workers), or to a
 cluster through submitit (``--executor slurm``; ``submitit-local`` runs the same path on this machine).
@@ -53,10 +55,29 @@ STUDY_FIELDS = {"name", "configs", "trainer", "datasets", "variants", "seeds", "
 BUDGET_KEY = "trainer.max_epochs"
 
 
-def load_study(path: str | Path) -> dict:
+def packaged_configs() -> Path:
+    """The configs that ship with the package (``configs/`` of a checkout)."""
+    from importlib.resources import files
+
+    return Path(str(files("benchmark.configs")))
+
+
+def study_file(path: str | Path) -> Path:
+    """A study YAML by path, or by key (``quick``: the packaged ``studies/quick.yaml``)."""
     path = Path(path)
+    packaged = packaged_configs() / "studies" / f"{path}.yaml"
+    if not path.is_file() and path.suffix == "" and len(path.parts) == 1 and packaged.is_file():
+        return packaged
     if not path.is_file():
-        raise UsageError(f"study file {path} does not exist; pass a YAML such as configs/studies/quick.yaml")
+        known = sorted(p.stem for p in (packaged_configs() / "studies").glob("*.yaml"))
+        raise UsageError(f"study file {path} does not exist; pass a study YAML, or one of the packaged studies "
+                         f"by key: {', '.join(known)}")
+    return path
+
+
+def load_study(path: str | Path) -> dict:
+    """The study of a YAML (a path or a packaged study's key), checked."""
+    path = study_file(path)
     try:
         study = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
@@ -72,8 +93,21 @@ def load_study(path: str | Path) -> dict:
         raise UsageError(f"{path}: 'seeds' must be distinct integers, got {seeds}")
     _check_grid(path, study)
     study.setdefault("name", path.stem)
-    study["configs"] = str((path.parent / study["configs"]) if "configs" in study else path.parent.parent)
+    if "configs" in study:
+        study["configs"] = str(path.parent / study["configs"])
+        if not Path(study["configs"]).is_dir():
+            raise UsageError(f"{path}: configs folder {study['configs']} does not exist; fix 'configs' or drop it "
+                             f"to use the packaged configs")
+    elif any((path.parent.parent / kind).is_dir() for kind in CONFIG_KINDS):  # a study in <configs>/studies/
+        study["configs"] = str(path.parent.parent)
     return study
+
+
+def config_folders(configs: str | None) -> list[Path]:
+    """Where a study's keys are looked up, the first folder that has the key winning: the study's own configs
+    folder (a user's trainers, datasets and variants), then the packaged configs."""
+    folders = [Path(configs)] if configs else []
+    return folders + [f for f in [packaged_configs()] if all(f.resolve() != g.resolve() for g in folders)]
 
 
 def _check_grid(path: Path, study: dict):
@@ -125,11 +159,15 @@ def select(study: dict, **subsets: str | None) -> dict:
     return study
 
 
-def _keyed(configs: Path, kind: str, key: str) -> str:
-    f = configs / kind / f"{key}.yaml"
-    known = sorted(p.stem for p in (configs / kind).glob("*.yaml") if kind != "model" or _is_variant(p))
-    if not f.is_file():
-        raise UsageError(f"unknown {CONFIG_KINDS[kind]} {key!r}; choose one of {known} (or add {f})")
+def _keyed(folders: list[Path], kind: str, key: str) -> str:
+    found = [folder / kind / f"{key}.yaml" for folder in folders if (folder / kind / f"{key}.yaml").is_file()]
+    if not found:
+        known = sorted({p.stem for folder in folders for p in (folder / kind).glob("*.yaml")
+                        if kind != "model" or _is_variant(p)})
+        raise UsageError(f"unknown {CONFIG_KINDS[kind]} {key!r}; choose one of {known} (or add "
+                         f"{folders[0] / kind / f'{key}.yaml'})")
+    f = found[0]
+    known = sorted(p.stem for p in (f.parent).glob("*.yaml") if kind != "model" or _is_variant(p))
     if kind == "model" and not _is_variant(f):
         raise UsageError(f"{f} names no model.class_path: it is a setting to combine with a variant, not a "
                          f"variant; choose one of {known}, and put its keys in the study's overrides")
@@ -163,7 +201,7 @@ def expand(study: dict, results_dir="results", work_dir="runs", wandb="offline",
     if budgets != [None] and BUDGET_KEY in overrides:
         raise UsageError(f"--set {BUDGET_KEY} on a study with budgets {budgets}: choose budgets with "
                          f"--budgets, or drop the study's 'budgets'")
-    configs = Path(study["configs"])
+    configs = config_folders(study.get("configs"))
     trainer = _keyed(configs, "trainer", study.get("trainer", "cpu"))
     grid = []  # (dataset, variant, config files, overrides of the run, setting, default setting, data seed set)
     for dataset in study["datasets"]:
@@ -359,7 +397,9 @@ def check_runs(specs: list[RunSpec], results_dir: str, work_dir: str):
                     warnings.simplefilter("ignore")
                     build_cli(spec.cli_args(), run=False, save_config_callback=None)
             except UsageError as e:
-                raise UsageError(f"run {spec.name}: {e}") from None
+                hint = ("; a variant's module is found next to the study YAML, in the working folder or on "
+                        "PYTHONPATH") if "No module named" in str(e) else ""
+                raise UsageError(f"run {spec.name}: {e}{hint}") from None
     finally:
         for q, level in zip(quiet, levels):
             q.setLevel(level)
@@ -536,6 +576,25 @@ def run_submitit(specs: list[RunSpec], cluster: str, work_dir: str, progress: Pr
         progress.finish(spec.name, record)
 
 
+@contextlib.contextmanager
+def user_modules(*folders: Path):
+    """A user's own modules (a variant's class_path) in these folders import as under ``python -m``: in this
+    process, in its workers (a spawned process copies ``sys.path``) and in its cluster jobs (they inherit
+    ``PYTHONPATH``)."""
+    extra = [str(Path(f).resolve()) for f in folders]
+    path, env = list(sys.path), os.environ.get("PYTHONPATH")
+    sys.path[:0] = [f for f in extra if f not in sys.path]
+    os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(extra + [p for p in (env or "").split(os.pathsep) if p]))
+    try:
+        yield
+    finally:
+        sys.path[:] = path
+        if env is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = env
+
+
 def main(argv: list[str]):
     parser = argparse.ArgumentParser(prog="latent-bench run", description=__doc__.split("\n\n")[0])
     parser.add_argument("study", help="a study YAML, e.g. configs/studies/quick.yaml")
@@ -554,6 +613,11 @@ def main(argv: list[str]):
     for key in ("datasets", "variants", "seeds", "budgets"):
         parser.add_argument(f"--{key}", default=None, metavar="A,B", help=f"only these of the study's {key}")
     args = parser.parse_args(argv)
+    with user_modules(study_file(args.study).parent, Path.cwd()):
+        return _run_study(args)
+
+
+def _run_study(args) -> int:
     from benchmark.cli import parse_assignments
 
     overrides = parse_assignments(args.set)

@@ -161,3 +161,98 @@ def test_study_yaml_expands_into_runs_whose_configs_parse(study_file, monkeypatc
         assert parsed.config.seed_everything == spec.seed
         for key, value in spec.overrides.items():
             assert parsed.config[key] == value, key
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The configs ship with the package: a study runs from any folder, with a user's own configs and variant
+# ------------------------------------------------------------------------------------------------------------
+
+USER_VARIANT = '''
+from benchmark.latents import Diagonal
+from benchmark.variants import KLRegularized
+
+
+class HalfKLVAE(KLRegularized):
+    """A user's variant, in a module outside the package: the VAE at half the KL weight."""
+
+    def __init__(self, weight: float = 0.5, **kwargs):
+        super().__init__(weight=weight, **kwargs)
+
+    def make_posterior(self):
+        return Diagonal()
+'''
+
+
+def user_study(folder: Path, variants: list[str], module: str, written: bool = True) -> Path:
+    """A study in a folder of the user's: packaged trainer and dataset, the user's own variant config (its
+    class in ``module``, a name no other test imports: an imported module stays in ``sys.modules``)."""
+    (folder / "mine" / "model").mkdir(parents=True)
+    (folder / "mine" / "model" / "half_kl.yaml").write_text(f"model:\n  class_path: {module}.HalfKLVAE\n")
+    if written:
+        (folder / f"{module}.py").write_text(USER_VARIANT)
+    path = folder / "study.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "outside", "configs": "mine", "trainer": "cpu", "datasets": ["digits_binary"],
+        "variants": variants, "seeds": [0],
+        "overrides": {"trainer.max_epochs": 1, "trainer.limit_train_batches": 2,
+                      "trainer.enable_progress_bar": False},
+        "evaluation": {"iw_samples": 5, "fid_samples": 0, "max_codes": 100, "expost_epochs": 1,
+                       "gmm_components": 2}}))
+    return path
+
+
+def test_a_study_outside_the_repository_finds_the_packaged_configs_and_the_users_variant(tmp_path, monkeypatch):
+    from benchmark import study as study_mod
+    from benchmark.records import read_record
+
+    monkeypatch.chdir(tmp_path)  # nothing of the repository's beside it
+    path = user_study(tmp_path / "project", ["vae", "half_kl"], "my_variants")
+    specs = expand(load_study(path), results_dir="r", work_dir="w", wandb="disabled")
+    packaged = {Path(f).resolve() for s in specs for f in s.config_files if "half_kl" not in f}
+    assert packaged == {(CONFIGS / "trainer" / "cpu.yaml").resolve(), (CONFIGS / "data" / "digits_binary.yaml").resolve(),
+                        (CONFIGS / "model" / "vae.yaml").resolve()}
+    assert "my_variants" not in __import__("sys").modules
+    # two workers: a spawned process imports the user's module too
+    assert study_mod.main([str(path), "--results", "r", "--work-dir", "w", "--wandb", "disabled", "--devices", "2"]) == 0
+    record = read_record(tmp_path / "r" / "runs" / "outside" / "digits_binary-half_kl-s0.json")
+    assert record["status"] == "finished" and record["config"]["model"]["class_path"] == "my_variants.HalfKLVAE"
+    assert record["config"]["model"]["init_args"]["weight"] == 0.5
+    assert str(tmp_path / "project") not in __import__("sys").path  # the study leaves the path as it was
+
+
+def test_a_users_variant_module_that_does_not_import_stops_the_study_before_any_run(tmp_path, monkeypatch, capsys):
+    from benchmark.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    path = user_study(tmp_path / "project", ["vae", "half_kl"], "my_missing_variants", written=False)
+    assert main(["run", str(path), "--results", "r", "--work-dir", "w", "--wandb", "disabled"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "digits_binary-half_kl-s0" in err[0] and "No module named 'my_missing_variants'" in err[0]
+    assert "next to the study YAML" in err[0]
+    assert not (tmp_path / "r" / "runs").exists()  # the vae run before it did not train either
+
+
+def test_a_packaged_study_runs_by_key_and_an_unknown_key_names_the_packaged_ones(tmp_path, monkeypatch):
+    from benchmark.errors import UsageError
+    from benchmark.study import study_file
+
+    monkeypatch.chdir(tmp_path)
+    assert study_file("quick") == (CONFIGS / "studies" / "quick.yaml").resolve()
+    assert load_study("quick")["name"] == "quick"
+    with pytest.raises(UsageError, match="packaged studies by key: .*quick"):
+        study_file("quikc")
+
+
+def test_the_wheel_ships_every_config(tmp_path):
+    """A non-editable install has the configs: the wheel holds every YAML of configs/ under benchmark/configs/."""
+    import subprocess
+    import sys
+    import zipfile
+
+    pytest.importorskip("setuptools", reason="building the wheel without isolation needs setuptools")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                    str(tmp_path), str(CONFIGS.parent)], check=True, capture_output=True, timeout=300)
+    wheel, = tmp_path.glob("latent_bench-*.whl")
+    shipped = {n.removeprefix("benchmark/configs/") for n in zipfile.ZipFile(wheel).namelist()
+               if n.startswith("benchmark/configs/") and n.endswith(".yaml")}
+    assert shipped == {str(p.relative_to(CONFIGS)) for p in CONFIGS.glob("*/*.yaml")}
