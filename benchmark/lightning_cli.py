@@ -18,6 +18,9 @@ from benchmark.module import LatentVariableModel
 # Lightning (2.6) still builds torch's deprecated LeafSpec when it moves a batch: a FutureWarning in every run's
 # output that is Lightning's to fix and changes nothing here.
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
+# On a machine with SLURM installed (a cluster's login node) Lightning hints at srun for every Trainer made
+# outside a job; a study's jobs go through submitit, which runs them under srun itself.
+warnings.filterwarnings("ignore", message=r"The `srun` command is available on your system but is not used")
 
 
 class LatentBenchCLI(LightningCLI):

@@ -143,6 +143,21 @@ def test_console_script_reports_bad_input_on_exactly_one_stderr_line(tmp_path):
     assert files_under(tmp_path) == []
 
 
+def test_on_a_machine_with_slurm_installed_fit_prints_no_srun_hint(tmp_path):
+    """A cluster's login node has srun on PATH: Lightning's hint to prepend it is noise on every run."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 0\n")
+    (bin_dir / "srun").chmod(0o755)
+    env = {**os.environ, "PYTHONPATH": str(CONFIGS.parent), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+           "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(console_script() + FIT + ["--trainer.fast_dev_run", "1", "--trainer.enable_progress_bar",
+                                                    "false"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "srun" not in proc.stderr, proc.stderr
+
+
 def test_fit_on_digits_runs_an_epoch_and_exits_0(workdir, capsys):
     quick = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "5"]
     assert cli.main(FIT + quick + ["--trainer.enable_progress_bar", "false"]) == 0
