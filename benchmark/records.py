@@ -688,7 +688,8 @@ def _budget_line(table: Sequence[Group]) -> str:
 
 
 def leaderboard_markdown(groups: Sequence[Group], references: Sequence[dict] = (), plots: Sequence[str] = (),
-                         n_records: int = 0, paired: Sequence[PairedRow] = (), selection: Sequence[str] = ()) -> str:
+                         n_records: int = 0, paired: Sequence[PairedRow] = (), selection: Sequence[str] = (),
+                         beside: Sequence[str] = ()) -> str:
     lines = ["# Leaderboard", "",
              f"Computed from {n_records} run records. Cells: mean ± 95% CI half-width (Student t) (n seeds); "
              "↑ higher is better, ↓ lower is better. Diverged and failed runs are counted, not averaged.", ""]
@@ -721,6 +722,7 @@ def leaderboard_markdown(groups: Sequence[Group], references: Sequence[dict] = (
         running = sum(g.n_running for g in table)
         if running:
             lines += [f"{running} run(s) still running, not counted.", ""]
+    lines += beside
     lines += rankings_markdown(groups)
     lines += paired_markdown(paired, groups)
     rows = reproduction_rows(groups, references)
@@ -736,6 +738,74 @@ def leaderboard_markdown(groups: Sequence[Group], references: Sequence[dict] = (
     for name in plots:
         lines += [f"![{Path(name).stem}]({name})", ""]
     return "\n".join(lines)
+
+
+BESIDE_COLUMNS = (K.NLL_IW, K.NLL_IW_BPD, K.ELBO_POSTHOC, K.ELBO_POSTHOC_BPD, K.KID_PRIOR, K.FID_PRIOR)
+# Fields of a run's protocol that are measurements of the run, not settings that two runs could share
+PROTOCOL_OWN = {"iw_ks"}
+
+
+@dataclass
+class BesideRow:
+    """A row of a table ranked with other folders' rows: where it comes from ("yours" or "<folder>: <study>"),
+    and the protocol fields in which one of theirs differs from the user's runs (None for the user's)."""
+    source: str
+    group: Group
+    differs: list[str] | None
+
+
+def beside_tables(groups: Sequence[Group], beside: Sequence[tuple[str, Sequence[Group]]]) -> dict[tuple, list[BesideRow]]:
+    """Each of the user's tables ranked again with the finished rows of other results folders (``(name,
+    groups)``, e.g. the committed ``results``) on the same dataset and in the same view (an unswept table
+    beside a swept study's untuned view); tables that no other folder has rows for are left out."""
+    out = {}
+    for key, table in _tables(groups).items():
+        study, view, dataset, budget = key
+        theirs = {id(g): name for name, gs in beside for g in gs if g.seeds and g.dataset == dataset
+                  and (g.view == view or g.view is None or (view is None and g.view == UNTUNED))}
+        if not theirs:
+            continue
+        mine = _common([g.protocol for g in table])
+        pool = list(table) + [g for name, gs in beside for g in gs if id(g) in theirs]
+        out[key] = [BesideRow("yours", g, None) if id(g) not in theirs else
+                    BesideRow(f"{theirs[id(g)]}: {g.study}", g, _differs(mine, g.protocol)) for g in rank(pool)]
+    return out
+
+
+def beside_markdown(groups: Sequence[Group], beside: Sequence[tuple[str, Sequence[Group]]]) -> list[str]:
+    """``beside_tables`` as markdown: the user's rows in bold, each of theirs with its protocol differences."""
+    lines = ["## Beside other results", ""]
+    tables = beside_tables(groups, beside)
+    if not tables:
+        return lines + ["No other folder has finished runs on these datasets.", ""]
+    lines += ["Your rows (**bold**) ranked with the finished rows of the other folders on the same dataset and in "
+              "the same view; the last column names each protocol field in which a row differs from your runs: "
+              "rank against each other without care only rows that say \"same\".", ""]
+    for key, rows in tables.items():
+        cols = [k for k in BESIDE_COLUMNS if any(k in r.group.stats for r in rows)]
+        cells = [[str(i), r.source, f"**{r.group.label}**" if r.differs is None else r.group.label,
+                  *[r.group.stats[k].cell() if k in r.group.stats else "–" for k in cols],
+                  "" if r.differs is None else "; ".join(r.differs) or "same"] for i, r in enumerate(rows, 1)]
+        sources = sorted({r.source.split(": ")[0] for r in rows if r.differs is not None})
+        lines += [f"### {_title(key)}, beside {', '.join(sources)}", ""]
+        lines += _md_table(["rank", "from", "variant", *(_header(k, [r.group for r in rows]) for k in cols),
+                            "protocol vs yours"], cells) + [""]
+    return lines
+
+
+def _differs(mine: dict, theirs: dict) -> list[str]:
+    out = []
+    for name in sorted(set(mine) | set(theirs)):
+        a, b = mine.get(name), theirs.get(name)
+        if name in PROTOCOL_OWN or MIXED in (a, b) or a is None or b is None:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):  # e.g. the FID extractor's metadata: name the keys
+            keys = sorted(k for k in set(a) | set(b) if _canonical(a.get(k)) != _canonical(b.get(k)))
+            if keys:
+                out.append(f"{name} in {', '.join(keys[:3])}" + (f" (+{len(keys) - 3})" if len(keys) > 3 else ""))
+        elif _canonical(a) != _canonical(b):
+            out.append(f"{name} {b} vs {a}")
+    return out
 
 
 ALL_SETTINGS = "all settings"
@@ -1021,18 +1091,26 @@ def plot_latent_maps(groups: Sequence[Group], results_dir: str | Path, path: str
     return _tiles([(g, png) for g, png in found if png.is_file()], path, cols=2, size=(8, 3.9), fontsize=11)
 
 
-def write_leaderboard(results_dir: str | Path, references: str | Path | None = None,
-                      reference_variant: str = REFERENCE_VARIANT) -> Path:
-    """Write ``leaderboard.md``, ``leaderboard.csv``, ``leaderboard_paired.csv`` (differences to
-    ``reference_variant``, paired by seed) and the plots into ``results_dir``; returns the .md."""
-    root = Path(results_dir)
+def _records_of(root: Path, option: str = "RESULTS_DIR") -> list[dict]:
     if not root.is_dir():
         raise UsageError(f"results directory {root} does not exist; pass the folder that holds "
-                         "runs/<study>/*.json (default: results)")
+                         f"runs/<study>/*.json as {option}")
     records = load_records(root)
     if not records:
         raise UsageError(f"no run records under {root / 'runs'}; run a study first "
-                         "(latent-bench run STUDY.yaml) or pass the right RESULTS_DIR")
+                         f"(latent-bench run STUDY.yaml) or pass the right {option}")
+    return records
+
+
+def write_leaderboard(results_dir: str | Path, references: str | Path | None = None,
+                      reference_variant: str = REFERENCE_VARIANT, beside: Sequence[str | Path] = ()) -> Path:
+    """Write ``leaderboard.md``, ``leaderboard.csv``, ``leaderboard_paired.csv`` (differences to
+    ``reference_variant``, paired by seed) and the plots into ``results_dir``; returns the .md. ``beside``:
+    other results folders (e.g. the committed ``results``) whose rows are ranked with these."""
+    root = Path(results_dir)
+    records = _records_of(root)
+    others = [(str(folder), aggregate(r for _, rs in views(_records_of(Path(folder), f"--beside {folder}"))
+                                      for r in rs)) for folder in beside]
     refs_path = Path(references) if references else root / "references.yaml"
     if references and not refs_path.is_file():
         raise UsageError(f"references file {refs_path} does not exist; fix --references or drop it")
@@ -1046,7 +1124,8 @@ def write_leaderboard(results_dir: str | Path, references: str | Path | None = N
     write_paired_csv(paired, root / "leaderboard_paired.csv")
     md = root / "leaderboard.md"
     _atomic_write(md, leaderboard_markdown(groups, refs, plots, n_records=len(records), paired=paired,
-                                           selection=selection_markdown(sweep, records)))
+                                           selection=selection_markdown(sweep, records),
+                                           beside=beside_markdown(groups, others) if others else ()))
     return md
 
 
@@ -1090,8 +1169,8 @@ def _paired_to(records: Sequence[dict], reference_variant: str) -> list[PairedRo
 
 
 def leaderboard_main(argv: Sequence[str] | None = None) -> Path:
-    """``latent-bench leaderboard [RESULTS_DIR] [--references FILE] [--reference-variant VARIANT]``: prints and
-    returns the .md path."""
+    """``latent-bench leaderboard [RESULTS_DIR] [--references FILE] [--reference-variant VARIANT] [--beside
+    FOLDER ...]``: prints and returns the .md path."""
     parser = argparse.ArgumentParser(prog="latent-bench leaderboard",
                                      description="Tables and plots from the run records in RESULTS_DIR.")
     parser.add_argument("results_dir", nargs="?", default="results", metavar="RESULTS_DIR")
@@ -1099,7 +1178,10 @@ def leaderboard_main(argv: Sequence[str] | None = None) -> Path:
                         help="published values to compare with (default: RESULTS_DIR/references.yaml)")
     parser.add_argument("--reference-variant", default=REFERENCE_VARIANT, metavar="VARIANT",
                         help="the variant every other one is compared with, paired by seed (default: vae)")
+    parser.add_argument("--beside", action="append", default=[], metavar="FOLDER",
+                        help="another results folder (e.g. the committed results) whose rows are ranked with these, "
+                             "each marked with the protocol fields that differ; repeatable")
     args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
-    md = write_leaderboard(args.results_dir, args.references, args.reference_variant)
+    md = write_leaderboard(args.results_dir, args.references, args.reference_variant, args.beside)
     print(md)
     return md

@@ -351,3 +351,33 @@ def test_an_old_deterministic_record_shows_its_ex_post_elbo_under_that_name_only
     assert set(groups["ae"].stats) == {"elbo_expost", "nll_iw"}
     assert groups["ae"].stats["elbo_expost"].mean == pytest.approx(-119.5)
     assert {"elbo", "distortion", "rate"} <= set(groups["vae"].stats)
+
+
+# --- a user's rows beside the committed ones -------------------------------------------------------------------
+
+def test_a_users_rows_rank_beside_another_folders_with_the_protocol_fields_that_differ(tmp_path):
+    from benchmark.records import beside_tables, write_leaderboard
+
+    mine, committed = tmp_path / "mine", tmp_path / "results"
+    write_all(mine, [record("vae", s, study="quick", nll_iw=v) for s, v in [(0, 30.0), (1, 31.0)]])
+    longer = {**PROTOCOL, "epochs": 50}
+    write_all(committed, [record("vae", s, study="quick", nll_iw=v) for s, v in [(0, 28.0), (1, 29.0)]]
+              + [record("ae", s, study="quick", nll_iw=v, protocol=longer) for s, v in [(0, 40.0), (1, 41.0)]]
+              + [record("vae", 0, study="quick", dataset="mnist", nll_iw=90.0)]  # another dataset: not beside
+              + [record("swae", 0, study="quick", status="diverged")])           # no finished run: not beside
+    groups = aggregate(load_records(mine))
+    tables = beside_tables(groups, [("results", aggregate(load_records(committed)))])
+    (key, rows), = tables.items()
+    assert key == ("quick", None, "digits", None)
+    assert [(r.source, r.group.variant, r.group.stats["nll_iw"].mean) for r in rows] == [
+        ("results: quick", "vae", 28.5), ("yours", "vae", 30.5), ("results: quick", "ae", 40.5)]
+    assert [r.differs for r in rows] == [[], None, ["epochs 50 vs 5"]]
+    md = write_leaderboard(mine, beside=[committed]).read_text()
+    assert "### quick / digits, beside " + str(committed) in md
+    assert md.count("| yours | **vae** |") == 1 and "epochs 50 vs 5" in md
+    # a user's folder with nothing beside it on its datasets says so; a missing folder is bad input
+    other = tmp_path / "other"
+    write_all(other, [record("vae", 0, study="x", dataset="cifar", nll_iw=1.0)])
+    assert "No other folder has finished runs" in write_leaderboard(mine, beside=[other]).read_text()
+    with pytest.raises(UsageError, match="--beside .*absent"):
+        write_leaderboard(mine, beside=[tmp_path / "absent"])
