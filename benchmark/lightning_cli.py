@@ -57,8 +57,37 @@ class PlainHelpFormatter(DefaultHelpFormatter):
         return super()._expand_help(action).replace("``", "")
 
 
+def slurm_main_address():
+    """Under a SLURM job of several nodes, ``MASTER_ADDR`` for Lightning where the first node's name does not
+    resolve (a cluster whose node names are not host names): that node's address as SLURM knows it
+    (``NodeAddr``). Otherwise every rank would hang resolving the name. A value already set is kept."""
+    import os
+    import socket
+    import subprocess
+
+    nodes = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
+    if not nodes or "MASTER_ADDR" in os.environ or int(os.environ.get("SLURM_NNODES", "1")) < 2:
+        return
+    try:
+        first = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True,
+                               timeout=30, check=True).stdout.split()[0]
+        try:
+            socket.getaddrinfo(first, None)
+            return  # Lightning resolves it itself
+        except OSError:
+            pass
+        info = subprocess.run(["scontrol", "show", "node", "-o", first], capture_output=True, text=True,
+                              timeout=30, check=True).stdout
+    except (OSError, IndexError, subprocess.SubprocessError):
+        return
+    found = re.search(r"NodeAddr=(\S+)", info)
+    if found:
+        os.environ["MASTER_ADDR"] = found.group(1)
+
+
 def build_cli(args, run: bool = True, **kwargs) -> LatentBenchCLI:
     """Parse ``args`` (a list of CLI tokens) into the model, data and trainer; bad input -> UsageError."""
+    slurm_main_address()
     try:
         with warnings.catch_warnings():  # the tokens are always ours; sys.argv belongs to whoever called
             warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")

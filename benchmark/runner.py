@@ -87,13 +87,7 @@ def train_and_evaluate(spec: RunSpec) -> dict:
         return cli.instantiate_trainer(**{"logger": False, "callbacks": [], "enable_checkpointing": False,
                                           **overrides})
 
-    record = {"study": spec.study, "run": spec.name, "dataset": spec.dataset, "variant": spec.variant,
-              "seed": spec.seed, "setting": spec.setting, "default_setting": spec.default_setting,
-              "budget": spec.budget, "spec_digest": spec.digest, "spec_protocol": spec.protocol(), "status": "running", "reason": None,
-              "diverged_step": None,
-              "config": config, "code": code_version(), "env": environment(), "device": None,
-              "timings": {}, "metrics": {}, "protocol": {}, "samples": None, "latent_map": None, "wandb_offline": offline,
-              "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    record = new_record(spec, config=config, code=code_version(), env=environment(), wandb_offline=offline)
     trainer = cli.instantiate_trainer(logger=logger, callbacks=run_callbacks(ckpt_dir, counter))
     record["device"] = _device_name(trainer)
     last = ckpt_dir / "last.ckpt"
@@ -135,6 +129,29 @@ def train_and_evaluate(spec: RunSpec) -> dict:
             record["latent_map"] = _save_latent_map(model, data, spec, eval_cfg.seed)
         write_record(spec.record_path, record)
         _log_to_wandb(logger, record, spec)
+    return record
+
+
+def new_record(spec: RunSpec, **fields) -> dict:
+    """A run's record as it starts (``running``), with every field a record has; ``fields`` fill some in."""
+    return {"study": spec.study, "run": spec.name, "dataset": spec.dataset, "variant": spec.variant,
+            "seed": spec.seed, "setting": spec.setting, "default_setting": spec.default_setting,
+            "budget": spec.budget, "spec_digest": spec.digest, "spec_protocol": spec.protocol(), "status": "running",
+            "reason": None, "diverged_step": None, "config": None, "code": None, "env": None, "device": None,
+            "timings": {}, "metrics": {}, "protocol": {}, "samples": None, "latent_map": None, "wandb_offline": None,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), **fields}
+
+
+def record_failure(spec: RunSpec, reason: str) -> dict:
+    """The record of a run whose process died before it wrote one (a killed worker, a cancelled cluster job),
+    so that the leaderboard counts it and a rerun trains it; a finished record is left as it is."""
+    from benchmark.records import FinishedRecordError, write_record
+
+    record = new_record(spec, status="failed", reason=reason)
+    try:
+        write_record(spec.record_path, record)
+    except FinishedRecordError:
+        pass
     return record
 
 

@@ -496,8 +496,10 @@ def _report(spec: RunSpec, error: str | None, progress: Progress):
     log = spec.log_path
     if error is None and spec.record_path.exists():
         progress.finish(spec.name, read_record(spec.record_path))
-    else:
-        progress.finish(spec.name, {"status": "failed", "reason": f"{error or 'no record written'}; see {log}"})
+    else:  # the run raised before its record (a bad config) or its process died: nobody else records it
+        from benchmark.runner import record_failure
+
+        progress.finish(spec.name, record_failure(spec, f"{error or 'no record written'}; see {log}"))
 
 
 def _slot_worker(slot: str, threads: int, pipe, run=None):
@@ -555,25 +557,86 @@ def _output_to(path: Path):
             os.close(saved[0]), os.close(saved[1])
 
 
-def run_submitit(specs: list[RunSpec], cluster: str, work_dir: str, progress: Progress, slurm: dict):
-    """Many runs as one job array through submitit (SLURM, or its local executor on this machine)."""
-    import submitit
+# SLURM job states after which a job never writes its result (and COMPLETED: it ended, result or not)
+SLURM_ENDED = {"BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL", "OUT_OF_MEMORY",
+               "PREEMPTED", "TIMEOUT"}
+POLL_S = 2.0
+RESULT_GRACE_S = 15.0  # for submitit's result file after SLURM says the job ended (a shared filesystem lags)
 
-    from benchmark.runner import train_and_evaluate
+
+def run_submitit(specs: list[RunSpec], cluster: str, work_dir: str, progress: Progress, slurm: dict):
+    """Many runs as one job array through submitit (SLURM, or its local executor on this machine). Each job's
+    state comes from ``scontrol`` (submitit's own watcher asks ``sacct``, which fails on a cluster without an
+    accounting database, and then waits for ever on a job that died): a job that ended without a result is
+    recorded as failed, with SLURM's state, the end of its error stream and its log."""
+    import submitit
 
     executor = submitit.AutoExecutor(folder=str(Path(work_dir) / "submitit"), cluster=cluster)
     executor.update_parameters(timeout_min=int(slurm.get("timeout_min", 240)), **{
         k: v for k, v in slurm.items() if k != "timeout_min"})
-    jobs = executor.map_array(train_and_evaluate, specs)
+    jobs = executor.map_array(run_logged, specs)
     progress.running = len(jobs)
-    progress.event("submitit", f"{len(jobs)} jobs submitted ({cluster})")
-    for spec, job in zip(specs, jobs):
-        try:
-            record = job.result()
-        except Exception as e:  # a job that died: the run is recorded as failed by nobody else
-            record = {"status": "failed", "reason": failure_reason(e)}
-        progress.running -= 1
-        progress.finish(spec.name, record)
+    progress.event("submitit", f"{len(jobs)} jobs submitted ({cluster}): "
+                               f"{', '.join(str(j.job_id) for j in jobs[:4])}{' ...' if len(jobs) > 4 else ''}")
+    pending, ended = dict(zip(jobs, specs)), {}
+    while pending:
+        for job, spec in list(pending.items()):
+            record = None
+            if job.paths.result_pickle.exists() or (cluster != "slurm" and job.done()):
+                try:
+                    record = job.result()
+                except Exception as e:  # the run raised in the job, or the job died (local executor)
+                    record = _job_failed(spec, job, e)
+            elif cluster == "slurm":
+                state = _slurm_state(str(job.job_id))
+                if state in SLURM_ENDED or state == "GONE":
+                    if time.monotonic() - ended.setdefault(job, time.monotonic()) > RESULT_GRACE_S:
+                        record = _job_failed(spec, job, None, state)
+            if record is not None:
+                del pending[job]
+                progress.running = len(pending)
+                progress.finish(spec.name, record)
+        if pending:
+            time.sleep(POLL_S)
+
+
+def run_logged(spec: RunSpec) -> dict:
+    """One run as a cluster job, its own output in the run's log.txt as under workers; returns its record."""
+    from benchmark.runner import train_and_evaluate
+
+    spec.run_dir.mkdir(parents=True, exist_ok=True)
+    with _output_to(spec.log_path):
+        return train_and_evaluate(spec)
+
+
+def _slurm_state(job_id: str) -> str | None:
+    """A job's state as ``scontrol`` reports it (``RUNNING``, ``CANCELLED``, ...), ``GONE`` once SLURM has
+    forgotten it, None where scontrol does not answer (the next poll asks again)."""
+    import re
+    import subprocess
+
+    try:
+        out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0:
+        return "GONE" if "invalid job id" in out.stderr.lower() else None
+    found = re.search(r"JobState=(\S+)", out.stdout)
+    return found.group(1) if found else None
+
+
+def _job_failed(spec: RunSpec, job, error: Exception | None, state: str | None = None) -> dict:
+    """The failed record of a cluster job, its reason on one line: what failed (the run's exception, or SLURM's
+    state and the last lines of the job's error stream) and where the logs are."""
+    from benchmark.runner import record_failure
+
+    if error is not None:
+        lines = [line.strip() for line in str(error).splitlines() if line.strip().strip("-")]
+        what = f"{type(error).__name__}: {lines[-1] if lines else ''}"  # the job's traceback ends in its error
+    else:
+        tail = [line.strip() for line in (job.stderr() or "").splitlines() if line.strip()][-2:]
+        what = f"SLURM job {job.job_id} {state} without a result" + (f" ({' | '.join(tail)})" if tail else "")
+    return record_failure(spec, f"{what}; see {spec.log_path} and {job.paths.stderr}")
 
 
 @contextlib.contextmanager
@@ -662,7 +725,11 @@ def _run_study(args) -> int:
         signal.signal(signal.SIGINT, previous)
     from benchmark.records import write_leaderboard
 
-    md = write_leaderboard(args.results)
+    try:
+        md = write_leaderboard(args.results)
+    except UsageError as e:  # the runs are recorded; a leaderboard that cannot be made is one line, not the end
+        progress.event(study["name"], f"no leaderboard: {e}")
+        return 1
     progress.event(study["name"], f"leaderboard written to {md}")
     _log_leaderboard(study["name"], Path(args.results), args.work_dir, wandb, progress)
     return 0 if progress.failed == 0 else 1
