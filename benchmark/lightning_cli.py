@@ -21,6 +21,9 @@ warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` i
 # On a machine with SLURM installed (a cluster's login node) Lightning hints at srun for every Trainer made
 # outside a job; a study's jobs go through submitit, which runs them under srun itself.
 warnings.filterwarnings("ignore", message=r"The `srun` command is available on your system but is not used")
+# The epoch's objective terms are TermMeans metrics, reduced over the processes before they are logged: the
+# advice to log them with sync_dist=True, once per term under DDP, does not apply.
+warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('(train|val|test)/")
 
 
 class LatentBenchCLI(LightningCLI):
