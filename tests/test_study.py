@@ -414,7 +414,10 @@ def test_workers_are_reused_across_runs_and_a_dead_worker_fails_only_its_run(tmp
     progress = study_mod.Progress(len(specs))
     study_mod.run_workers(specs, ["cpu", "cpu"], progress, run=pid_run)
     records = records_of(tmp_path / "results", "pool")
-    assert set(records) == {run_name("no_info", s) for s in (0, 2, 3, 4)}
+    assert set(records) == {run_name("no_info", s) for s in range(5)}
+    dead = records.pop(run_name("no_info", 1))  # recorded by the study, as nobody else could
+    assert dead["status"] == "failed" and dead["reason"].startswith("worker exited with 3"), dead["reason"]
+    assert {r["status"] for r in records.values()} == {"finished"}
     pids = {r["metrics"]["pid"] for r in records.values()}
     assert 1 <= len(pids) <= 3, pids  # 4 runs on 2 slots, one slot restarted once: not a process per run
     assert progress.done == 5 and progress.failed == 1
