@@ -69,7 +69,7 @@ def main(argv=None) -> int:
             from benchmark.runner import evaluate_checkpoint_main
             evaluate_checkpoint_main(argv[1:])
         elif command == "leaderboard":
-            from benchmark.records import leaderboard_main
+            from benchmark.leaderboard import leaderboard_main
             leaderboard_main(argv[1:])
         else:
             print(plain(__doc__).strip())

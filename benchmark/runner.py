@@ -13,7 +13,6 @@ import pickle
 import sys
 import time
 import traceback
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
@@ -62,13 +61,14 @@ def train_and_evaluate(spec: RunSpec) -> dict:
     """Train (or resume) and evaluate one run; write and return its record. Never raises for a run that
     fails or diverges: that is recorded as such, so a study goes on."""
     from benchmark.lightning_cli import build_cli
-    from benchmark.records import code_version, environment, read_record, write_json, write_record
+    from benchmark.records import DIVERGED, FAILED, FINISHED, RunRecord, code_version, environment, read_record, \
+        write_json, write_record
 
     try:
         previous = read_record(spec.record_path) if spec.record_path.exists() else None
     except ValueError:  # not a run record (empty, hand-edited): rerun; write_record replaces it
         previous = None
-    if previous is not None and previous.get("status") == "finished":
+    if previous is not None and previous.get("status") == FINISHED:
         return previous
     cli = build_cli(spec.cli_args(), run=False, save_config_callback=None)  # UsageError propagates: bad input stops the study
     model, data = cli.model, cli.datamodule
@@ -87,12 +87,14 @@ def train_and_evaluate(spec: RunSpec) -> dict:
         return cli.instantiate_trainer(**{"logger": False, "callbacks": [], "enable_checkpointing": False,
                                           **overrides})
 
-    record = new_record(spec, config=config, code=code_version(), env=environment(), wandb_offline=offline)
     trainer = cli.instantiate_trainer(logger=logger, callbacks=run_callbacks(ckpt_dir, counter))
-    record["device"] = _device_name(trainer)
+    record = RunRecord.of(spec, config=config, code=code_version(), env=environment(), device=_device_name(trainer),
+                          wandb_offline=offline)
     last = ckpt_dir / "last.ckpt"
     spec.run_dir.mkdir(parents=True, exist_ok=True)
     write_json(spec.protocol_path, {"digest": spec.digest, "protocol": spec.protocol()})
+    if trainer.global_rank == 0:
+        write_record(spec.record_path, record)  # running: a leaderboard made meanwhile counts it apart
     continued = _continue_shorter_budget(spec, last)
     resumed = last.exists()
     try:
@@ -102,15 +104,15 @@ def train_and_evaluate(spec: RunSpec) -> dict:
         # Images trained on in this call: a resumed run's earlier epochs are not in train_s, and
         # limit_train_batches shortens an epoch. None where unknown (ddp_spawn counts in its workers).
         images = counter.images * trainer.world_size
-        record["timings"] = {"train_s": train_s, "train_images_per_s": images / train_s if images else None,
+        record.timings = {"train_s": train_s, "train_images_per_s": images / train_s if images else None,
                              "epochs": trainer.current_epoch, "resumed": resumed, "continued_from": continued}
         start = time.perf_counter()
         out = evaluate(model, data, eval_cfg, make_trainer)
-        record["timings"].update(evaluate_s=time.perf_counter() - start, evaluate_parts=out["timings"])
-        record.update(status="finished", metrics=out["metrics"], validation=out["validation"],
-                      protocol=_protocol(model, data, trainer, out))
+        record.timings.update(evaluate_s=time.perf_counter() - start, evaluate_parts=out["timings"])
+        record.status, record.metrics, record.validation = FINISHED, out["metrics"], out["validation"]
+        record.protocol = _protocol(model, data, trainer, out)
     except Diverged as e:
-        record.update(status="diverged", reason=str(e), diverged_step=e.step)
+        record.status, record.reason, record.diverged_step = DIVERGED, str(e), e.step
     except UsageError:
         raise
     except Exception as e:  # a failed run is recorded with its reason; the study goes on
@@ -119,35 +121,26 @@ def train_and_evaluate(spec: RunSpec) -> dict:
         if not all(torch.isfinite(p).all() for p in model.parameters()):
             # Non-finite weights that surface as an error in a step (a variant's own check refusing a NaN)
             # before the epoch-end loss check sees them: that run diverged.
-            record.update(status="diverged", reason=f"non-finite weights ({reason})",
-                          diverged_step=trainer.global_step)
+            record.status, record.reason = DIVERGED, f"non-finite weights ({reason})"
+            record.diverged_step = trainer.global_step
         else:
-            record.update(status="failed", reason=reason)
+            record.status, record.reason = FAILED, reason
     if trainer.global_rank == 0:
-        record["samples"] = _save_samples(model, spec) if record["status"] == "finished" else None
-        if record["status"] == "finished" and model.hparams.latent_dim == 2:
-            record["latent_map"] = _save_latent_map(model, data, spec, eval_cfg.seed)
+        if record.status == FINISHED:
+            record.samples = _save_samples(model, spec)
+            if model.hparams.latent_dim == 2:
+                record.latent_map = _save_latent_map(model, data, spec, eval_cfg.seed)
         write_record(spec.record_path, record)
-        _log_to_wandb(logger, record, spec)
-    return record
-
-
-def new_record(spec: RunSpec, **fields) -> dict:
-    """A run's record as it starts (``running``), with every field a record has; ``fields`` fill some in."""
-    return {"study": spec.study, "run": spec.name, "dataset": spec.dataset, "variant": spec.variant,
-            "seed": spec.seed, "setting": spec.setting, "default_setting": spec.default_setting,
-            "budget": spec.budget, "spec_digest": spec.digest, "spec_protocol": spec.protocol(), "status": "running",
-            "reason": None, "diverged_step": None, "config": None, "code": None, "env": None, "device": None,
-            "timings": {}, "metrics": {}, "protocol": {}, "samples": None, "latent_map": None, "wandb_offline": None,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), **fields}
+        _log_to_wandb(logger, record.as_dict(), spec)
+    return record.as_dict()
 
 
 def record_failure(spec: RunSpec, reason: str) -> dict:
     """The record of a run whose process died before it wrote one (a killed worker, a cancelled cluster job),
     so that the leaderboard counts it and a rerun trains it; a finished record is left as it is."""
-    from benchmark.records import FinishedRecordError, write_record
+    from benchmark.records import FAILED, FinishedRecordError, RunRecord, write_record
 
-    record = new_record(spec, status="failed", reason=reason)
+    record = RunRecord.of(spec, status=FAILED, reason=reason).as_dict()
     try:
         write_record(spec.record_path, record)
     except FinishedRecordError:

@@ -723,7 +723,7 @@ def _run_study(args) -> int:
             run_sequential(todo, progress)
     finally:
         signal.signal(signal.SIGINT, previous)
-    from benchmark.records import write_leaderboard
+    from benchmark.leaderboard import write_leaderboard
 
     try:
         md = write_leaderboard(args.results)

@@ -15,7 +15,8 @@ import yaml
 from benchmark import study as study_mod
 from benchmark.latent_map import CODES_GID, grid_codes, latent_map_figure
 from benchmark.metrics.likelihood import index_noise
-from benchmark.records import aggregate, read_record, write_leaderboard, write_record
+from benchmark.leaderboard import aggregate, write_leaderboard
+from benchmark.records import read_record, write_record
 from benchmark.variants import AE, VAE
 
 pytestmark = pytest.mark.usefixtures("one_thread")

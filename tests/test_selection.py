@@ -9,7 +9,8 @@ import random
 import pytest
 
 from benchmark.metrics import keys as K
-from benchmark.records import write_leaderboard, write_record
+from benchmark.leaderboard import write_leaderboard
+from benchmark.records import write_record
 from benchmark.selection import CRITERIA, UNTUNED, at_edge, cell_of, select, setting_label, tuned_view, views
 
 WEIGHTS = (1.0, 10.0, 100.0)

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from torch.distributions import Independent, MultivariateNormal, Normal
+from torch.distributions import MultivariateNormal
 
 from benchmark import regularizers as R
 from benchmark.latents import Delta, Diagonal, FixedScale, FullCovariance, NoInformation, kl, standard_normal
