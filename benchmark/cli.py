@@ -12,29 +12,13 @@ problem and the fix, and exits with status 2.
 
 from __future__ import annotations
 
-import logging
+import argparse
+import json
 import os
 import sys
-from contextlib import contextmanager
+from pathlib import Path
 
 from benchmark.errors import INTERRUPTED, Interrupted, UsageError, plain
-
-
-@contextmanager
-def lightning_info_on_stdout():
-    """Lightning's INFO lines ("Seed set to 0", "GPU available: ...") go to stdout beside the progress bar, so
-    that stderr carries problems only: bad input leaves exactly its one error line there. Lightning makes its
-    handlers when it is imported, so enter this after the import."""
-    handlers = [h for name in ("lightning.pytorch", "lightning.fabric") for h in logging.getLogger(name).handlers
-                if type(h) is logging.StreamHandler]
-    streams = [h.stream for h in handlers]
-    for h in handlers:
-        h.setStream(sys.stdout)
-    try:
-        yield
-    finally:
-        for h, stream in zip(handlers, streams):
-            h.setStream(stream)
 
 
 def parse_assignments(items: list[str], fields=None) -> dict:
@@ -51,6 +35,77 @@ def parse_assignments(items: list[str], fields=None) -> dict:
     return out
 
 
+def run_main(argv: list[str]) -> int:
+    """``latent-bench run STUDY``: 0 when every run finished, 1 when one failed or diverged."""
+    from benchmark import study
+
+    parser = argparse.ArgumentParser(prog="latent-bench run", description=plain(study.__doc__.split("\n\n")[0]))
+    parser.add_argument("study", help="a study YAML such as configs/studies/quick.yaml, or a packaged study's key")
+    parser.add_argument("--devices", default=None,
+                        help="run side by side: 'auto', GPU indices '0,1', or a number of CPU workers")
+    parser.add_argument("--per-device", type=int, default=1,
+                        help="runs side by side on each device (small models leave a GPU idle)")
+    parser.add_argument("--executor", default="local", choices=["local", "submitit-local", "slurm"])
+    parser.add_argument("--slurm", default="{}", help="submitit parameters as JSON, e.g. '{\"gpus_per_node\": 1}'")
+    parser.add_argument("--wandb", default=None, choices=["online", "offline", "disabled"],
+                        help="default: online with WANDB_API_KEY set, else offline")
+    parser.add_argument("--results", default="results", help="where run records and the leaderboard go")
+    parser.add_argument("--work-dir", default="runs", help="checkpoints and W&B files (not results)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override for every run, e.g. --set trainer.max_epochs=2 or --set evaluation.iw_samples=100")
+    for key in ("datasets", "variants", "seeds", "budgets"):
+        parser.add_argument(f"--{key}", default=None, metavar="A,B", help=f"only these of the study's {key}")
+    args = parser.parse_args(argv)
+    overrides = parse_assignments(args.set)
+    try:
+        slurm = json.loads(args.slurm)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"--slurm {args.slurm!r} is not JSON ({e.msg}); write e.g. '{{\"gpus_per_node\": 1}}'") from e
+    return study.run(args.study, results=args.results, work_dir=args.work_dir, devices=args.devices,
+                     per_device=args.per_device, executor=args.executor, slurm=slurm, wandb=args.wandb,
+                     overrides=overrides, datasets=args.datasets, variants=args.variants, seeds=args.seeds,
+                     budgets=args.budgets)
+
+
+def evaluate_main(argv: list[str]):
+    """``latent-bench evaluate CKPT [--set FIELD=VALUE ...] [--output FILE]``: evaluate a run's checkpoint
+    (the model and DataModule are rebuilt from the hyperparameters it holds) and print the metrics as JSON.
+    Run records are never rewritten; ``--output`` writes the result to a new JSON file."""
+    from benchmark.runner import evaluate_checkpoint
+    from benchmark.spec import EvaluationConfig
+
+    parser = argparse.ArgumentParser(prog="latent-bench evaluate", description=plain(evaluate_main.__doc__))
+    parser.add_argument("checkpoint")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="an EvaluationConfig field, e.g. --set iw_samples=5000")
+    parser.add_argument("--output", default=None, help="write {metrics, protocol} to this JSON file")
+    args = parser.parse_args(argv)
+    cfg = EvaluationConfig(**parse_assignments(args.set, EvaluationConfig.__dataclass_fields__))
+    out = evaluate_checkpoint(args.checkpoint, cfg, args.output)
+    print(json.dumps(out["metrics"], indent=2))
+
+
+def leaderboard_main(argv: list[str] | None = None) -> Path:
+    """``latent-bench leaderboard [RESULTS_DIR] [--references FILE] [--reference-variant VARIANT] [--beside
+    FOLDER ...]``: prints and returns the .md path."""
+    from benchmark.leaderboard import REFERENCE_VARIANT, write_leaderboard
+
+    parser = argparse.ArgumentParser(prog="latent-bench leaderboard",
+                                     description="Tables and plots from the run records in RESULTS_DIR.")
+    parser.add_argument("results_dir", nargs="?", default="results", metavar="RESULTS_DIR")
+    parser.add_argument("--references", default=None,
+                        help="published values to compare with (default: RESULTS_DIR/references.yaml)")
+    parser.add_argument("--reference-variant", default=REFERENCE_VARIANT, metavar="VARIANT",
+                        help="the variant every other one is compared with, paired by seed (default: vae)")
+    parser.add_argument("--beside", action="append", default=[], metavar="FOLDER",
+                        help="another results folder (e.g. the committed results) whose rows are ranked with these, "
+                             "each marked with the protocol fields that differ; repeatable")
+    args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
+    md = write_leaderboard(args.results_dir, args.references, args.reference_variant, args.beside)
+    print(md)
+    return md
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv else "-h"
@@ -59,17 +114,15 @@ def main(argv=None) -> int:
     try:
         # Lightning is imported only by the commands that need it: a study's parent process stays light.
         if command in ("fit", "validate", "test", "predict"):
+            from benchmark.executors import lightning_info_on_stdout
             from benchmark.lightning_cli import build_cli
             with lightning_info_on_stdout():
                 build_cli(None if argv == sys.argv[1:] else argv, save_config_kwargs={"overwrite": True})
         elif command == "run":
-            from benchmark.study import main as study_main
-            return study_main(argv[1:])  # 1 when a run failed or diverged
+            return run_main(argv[1:])
         elif command == "evaluate":  # Lightning's lines stay on stderr: stdout is the JSON alone
-            from benchmark.runner import evaluate_checkpoint_main
-            evaluate_checkpoint_main(argv[1:])
+            evaluate_main(argv[1:])
         elif command == "leaderboard":
-            from benchmark.leaderboard import leaderboard_main
             leaderboard_main(argv[1:])
         else:
             print(plain(__doc__).strip())

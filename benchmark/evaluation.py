@@ -22,8 +22,8 @@ from torch.distributions import Distribution, MultivariateNormal
 from benchmark.errors import UsageError
 from benchmark.latents import Delta, reparametrize
 from benchmark.metrics import keys
-from benchmark.metrics.fid import (FEATURE_EXTRACTORS, build_feature_extractor,
-                                   features_to_reference_statistics, reference_features, reference_statistics)
+from benchmark.metrics.extractors import FEATURE_EXTRACTORS, build_feature_extractor
+from benchmark.metrics.fid import features_to_reference_statistics, reference_features, reference_statistics
 from benchmark.metrics.gaussianity import LatentGaussianity
 from benchmark.metrics.likelihood import (DISCRETE, LikelihoodBounds, bpd_metrics, elbo_terms, index_noise,
                                           iw_ladder, iw_log_weights, likelihood_kind)

@@ -12,11 +12,9 @@ difference has the sign of the mean.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import math
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -985,22 +983,3 @@ def _paired_to(records: Sequence[dict], reference_variant: str) -> list[PairedRo
         raise UsageError(f"--reference-variant {reference_variant}: no record has that variant; choose one of "
                          f"{known}")
     return paired_differences(records, reference_variant)
-
-
-def leaderboard_main(argv: Sequence[str] | None = None) -> Path:
-    """``latent-bench leaderboard [RESULTS_DIR] [--references FILE] [--reference-variant VARIANT] [--beside
-    FOLDER ...]``: prints and returns the .md path."""
-    parser = argparse.ArgumentParser(prog="latent-bench leaderboard",
-                                     description="Tables and plots from the run records in RESULTS_DIR.")
-    parser.add_argument("results_dir", nargs="?", default="results", metavar="RESULTS_DIR")
-    parser.add_argument("--references", default=None,
-                        help="published values to compare with (default: RESULTS_DIR/references.yaml)")
-    parser.add_argument("--reference-variant", default=REFERENCE_VARIANT, metavar="VARIANT",
-                        help="the variant every other one is compared with, paired by seed (default: vae)")
-    parser.add_argument("--beside", action="append", default=[], metavar="FOLDER",
-                        help="another results folder (e.g. the committed results) whose rows are ranked with these, "
-                             "each marked with the protocol fields that differ; repeatable")
-    args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
-    md = write_leaderboard(args.results_dir, args.references, args.reference_variant, args.beside)
-    print(md)
-    return md

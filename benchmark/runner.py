@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 
 from benchmark.callbacks import Diverged, DivergenceGuard, ImageCount, RNGState
-from benchmark.errors import UsageError, failure_reason, plain
+from benchmark.errors import UsageError, failure_reason
 from benchmark.evaluation import check_extractor, evaluate
 from benchmark.spec import EvaluationConfig, RunSpec
 
@@ -249,35 +249,24 @@ def _variant_class(name: str):
     return cls
 
 
-def evaluate_checkpoint_main(argv: list[str]):
-    """``latent-bench evaluate CKPT [--set FIELD=VALUE ...] [--output FILE]``: evaluate a run's checkpoint
-    (the model and DataModule are rebuilt from the hyperparameters it holds) and print the metrics as JSON.
-    Run records are never rewritten; ``--output`` writes the result to a new JSON file."""
-    import argparse
-
+def evaluate_checkpoint(ckpt: str | Path, cfg: EvaluationConfig, output: str | Path | None = None) -> dict:
+    """Evaluate a run's checkpoint (the model and DataModule rebuilt from the hyperparameters it holds); returns
+    ``{metrics, validation, protocol, timings}``. Run records are never rewritten; ``output`` names a new JSON
+    file for the result."""
     import lightning as L
 
-    from benchmark.cli import parse_assignments
-    from benchmark.records import write_record
+    from benchmark.records import FINISHED, write_record
 
-    parser = argparse.ArgumentParser(prog="latent-bench evaluate", description=plain(evaluate_checkpoint_main.__doc__))
-    parser.add_argument("checkpoint")
-    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                        help="an EvaluationConfig field, e.g. --set iw_samples=5000")
-    parser.add_argument("--output", default=None, help="write {metrics, protocol} to this JSON file")
-    args = parser.parse_args(argv)
-    fields = parse_assignments(args.set, EvaluationConfig.__dataclass_fields__)
-    ckpt = Path(args.checkpoint)
-    cfg = EvaluationConfig(**fields)
+    ckpt = Path(ckpt)
     model, data = load_checkpoint(ckpt)
 
     def make_trainer(**overrides):
         return L.Trainer(**{"accelerator": "auto", "devices": 1, "logger": False, "enable_checkpointing": False,
                             "enable_model_summary": False, **overrides})  # with progress bars: minutes on a CPU
 
-    with contextlib.redirect_stdout(sys.stderr):  # progress bars too: stdout is the JSON alone
+    with contextlib.redirect_stdout(sys.stderr):  # progress bars too: the caller's stdout is the JSON alone
         out = evaluate(model, data, cfg, make_trainer)
-    print(json.dumps(out["metrics"], indent=2))
-    if args.output:
-        write_record(args.output, {"study": "evaluate", "run": ckpt.parent.parent.name, "status": "finished",
-                                   "checkpoint": str(ckpt), **out})
+    if output:
+        write_record(output, {"study": "evaluate", "run": ckpt.parent.parent.name, "status": FINISHED,
+                              "checkpoint": str(ckpt), **out})
+    return out

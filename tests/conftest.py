@@ -7,7 +7,7 @@ from pathlib import Path
 import lightning.pytorch  # noqa: F401  (its log handlers bind the real stderr, not the capture of the first test)
 import pytest
 
-from benchmark.metrics import fid
+from benchmark.metrics import extractors
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -76,7 +76,7 @@ def workdir(tmp_path, monkeypatch) -> Path:
     return work
 
 
-class FlattenFeatures(fid.FeatureExtractor):
+class FlattenFeatures(extractors.FeatureExtractor):
     """Images (N, F, 1, 1) are their own features, so a test sets the feature distribution directly."""
 
     tag = "flatten"

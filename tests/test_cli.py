@@ -117,7 +117,7 @@ def test_run_passes_on_the_study_exit_status(monkeypatch):
     """A study with a failed run exits 1 (the study's own status), not 0."""
     import benchmark.study
 
-    monkeypatch.setattr(benchmark.study, "main", lambda argv: 1 if argv == ["s.yaml"] else 0)
+    monkeypatch.setattr(benchmark.study, "run", lambda path, **kw: 1 if path == "s.yaml" else 0)
     assert cli.main(["run", "s.yaml"]) == 1
 
 

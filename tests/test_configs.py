@@ -202,7 +202,7 @@ def user_study(folder: Path, variants: list[str], module: str, written: bool = T
 
 
 def test_a_study_outside_the_repository_finds_the_packaged_configs_and_the_users_variant(tmp_path, monkeypatch):
-    from benchmark import study as study_mod
+    from benchmark.cli import run_main
     from benchmark.records import read_record
 
     monkeypatch.chdir(tmp_path)  # nothing of the repository's beside it
@@ -213,7 +213,7 @@ def test_a_study_outside_the_repository_finds_the_packaged_configs_and_the_users
                         (CONFIGS / "model" / "vae.yaml").resolve()}
     assert "my_variants" not in __import__("sys").modules
     # two workers: a spawned process imports the user's module too
-    assert study_mod.main([str(path), "--results", "r", "--work-dir", "w", "--wandb", "disabled", "--devices", "2"]) == 0
+    assert run_main([str(path), "--results", "r", "--work-dir", "w", "--wandb", "disabled", "--devices", "2"]) == 0
     record = read_record(tmp_path / "r" / "runs" / "outside" / "digits_binary-half_kl-s0.json")
     assert record["status"] == "finished" and record["config"]["model"]["class_path"] == "my_variants.HalfKLVAE"
     assert record["config"]["model"]["init_args"]["weight"] == 0.5

@@ -15,11 +15,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from benchmark.errors import UsageError
-from benchmark.metrics import fid
+from benchmark.metrics import extractors, fid
 from conftest import FlattenFeatures
 
 SHARED = Path(__file__).parents[1].parent / "shared"
-INCEPTION_TORCHSCRIPT = SHARED / "models" / fid.INCEPTION_TORCHSCRIPT_FILE
+INCEPTION_TORCHSCRIPT = SHARED / "models" / extractors.INCEPTION_TORCHSCRIPT_FILE
 TORCH_FIDELITY_WEIGHTS = Path(torch.hub.get_dir()) / "checkpoints" / "weights-inception-2015-12-05-6726825d.pth"
 
 
@@ -64,21 +64,21 @@ def digits():
 @pytest.fixture(scope="module")
 def domain_extractor(digits, tmp_path_factory):
     images, labels = digits
-    return fid.build_feature_extractor("domain", dataset="digits", train_images=images, train_labels=labels,
+    return extractors.build_feature_extractor("domain", dataset="digits", train_images=images, train_labels=labels,
                                        cache_dir=tmp_path_factory.mktemp("cache"), **TRAINING)
 
 
 def test_registry_fails_loudly():
     with pytest.raises(KeyError, match="unknown feature extractor 'vgg'.*'domain', 'inception'"):
-        fid.build_feature_extractor("vgg")
+        extractors.build_feature_extractor("vgg")
     with pytest.raises(ValueError, match="already registered"):
-        fid.register_feature_extractor("domain")(lambda: None)
-    fid.register_feature_extractor("not-an-extractor")(lambda: torch.nn.Identity())
+        extractors.register_feature_extractor("domain")(lambda: None)
+    extractors.register_feature_extractor("not-an-extractor")(lambda: torch.nn.Identity())
     try:
         with pytest.raises(TypeError, match="not a FeatureExtractor"):
-            fid.build_feature_extractor("not-an-extractor")
+            extractors.build_feature_extractor("not-an-extractor")
     finally:
-        del fid.FEATURE_EXTRACTORS["not-an-extractor"]
+        del extractors.FEATURE_EXTRACTORS["not-an-extractor"]
 
 
 def test_extractors_reject_images_outside_unit_range(domain_extractor, digits):
@@ -118,7 +118,7 @@ def test_batch_size_does_not_change_fid(domain_extractor, digits):
 
 
 def test_domain_features_in_chunks_channels_last_equal_one_plain_batch(domain_extractor, digits):
-    images = digits[0][: 2 * fid.DomainFeatureExtractor.cpu_chunk + 50]  # two chunks and a remainder
+    images = digits[0][: 2 * extractors.DomainFeatureExtractor.cpu_chunk + 50]  # two chunks and a remainder
     plain = copy.deepcopy(domain_extractor.classifier).to(memory_format=torch.contiguous_format)
     with torch.no_grad():
         expected = plain.features(images.contiguous())
@@ -142,46 +142,46 @@ def test_reference_statistics_are_cached_and_equal_to_raw_images(domain_extracto
 
 def test_domain_extractor_is_cached_by_checksum_and_trained_deterministically(digits, tmp_path, monkeypatch):
     images, labels = digits
-    first = fid.domain_feature_extractor("digits", images, labels, cache_dir=tmp_path, **TRAINING)
+    first = extractors.domain_feature_extractor("digits", images, labels, cache_dir=tmp_path, **TRAINING)
     assert 0.5 < first.meta["val_accuracy"] <= 1  # chance is 0.1
     assert json_meta(tmp_path, first)["val_accuracy"] == first.meta["val_accuracy"]
 
-    monkeypatch.setattr(fid, "_train_domain_classifier", lambda *a, **k: pytest.fail("retrained"))
-    again = fid.domain_feature_extractor("digits", images, labels, cache_dir=tmp_path, **TRAINING)
+    monkeypatch.setattr(extractors, "_train_domain_classifier", lambda *a, **k: pytest.fail("retrained"))
+    again = extractors.domain_feature_extractor("digits", images, labels, cache_dir=tmp_path, **TRAINING)
     assert again.tag == first.tag
     assert torch.equal(again(images[:8]), first(images[:8]))
     monkeypatch.undo()
 
     changed = images.clone()
     changed[0, 0, 0, 0] = 1 - changed[0, 0, 0, 0]
-    other = fid.domain_feature_extractor("digits", changed, labels, cache_dir=tmp_path, **TRAINING)
+    other = extractors.domain_feature_extractor("digits", changed, labels, cache_dir=tmp_path, **TRAINING)
     assert other.tag != first.tag and len(list((tmp_path / "fid").glob("domain-digits-*.pt"))) == 2
 
-    elsewhere = fid.domain_feature_extractor("digits", images, labels, cache_dir=tmp_path / "b", **TRAINING)
+    elsewhere = extractors.domain_feature_extractor("digits", images, labels, cache_dir=tmp_path / "b", **TRAINING)
     assert all(torch.equal(p, q) for p, q in zip(elsewhere.state_dict().values(), first.state_dict().values()))
 
 
 def test_the_augmentation_is_part_of_the_cache_key(digits, tmp_path):
     images, labels = digits
-    plain = fid.domain_feature_extractor("digits", images, labels, cache_dir=tmp_path, augment="none",
+    plain = extractors.domain_feature_extractor("digits", images, labels, cache_dir=tmp_path, augment="none",
                                          normalize=False, **TRAINING)
-    dimmed = fid.domain_feature_extractor("digits", images, labels, cache_dir=tmp_path, augment="intensity",
+    dimmed = extractors.domain_feature_extractor("digits", images, labels, cache_dir=tmp_path, augment="intensity",
                                           normalize=False, **TRAINING)
     assert plain.tag != dimmed.tag and (plain.meta["augment"], dimmed.meta["augment"]) == ("none", "intensity")
     with pytest.raises(UsageError, match="augmentation"):
-        fid.domain_feature_extractor("digits", images, labels, cache_dir=tmp_path, augment="blurry", **TRAINING)
+        extractors.domain_feature_extractor("digits", images, labels, cache_dir=tmp_path, augment="blurry", **TRAINING)
 
 
 def test_a_max_normalised_extractor_sees_a_dimmed_digit_as_the_digit(digits, tmp_path):
     images, labels = digits
-    plain = fid.domain_feature_extractor("digits", images, labels, cache_dir=tmp_path, normalize=False, **TRAINING)
-    normed = fid.domain_feature_extractor("digits", images, labels, cache_dir=tmp_path, **TRAINING)  # the default
+    plain = extractors.domain_feature_extractor("digits", images, labels, cache_dir=tmp_path, normalize=False, **TRAINING)
+    normed = extractors.domain_feature_extractor("digits", images, labels, cache_dir=tmp_path, **TRAINING)  # the default
     assert normed.tag != plain.tag and normed.meta["normalize"] is True
     x = images[:16]
     assert torch.allclose(normed(0.6 * x), normed(x), atol=1e-5)  # dimming is invisible to it by construction
     assert not torch.allclose(plain(0.6 * x), plain(x), atol=1e-2)
-    assert not torch.allclose(normed(fid.gaussian_blur(x, 1.0)), normed(x), atol=1e-2)  # blur is not
-    reloaded = fid.domain_feature_extractor("digits", images, labels, cache_dir=tmp_path, **TRAINING)
+    assert not torch.allclose(normed(extractors.gaussian_blur(x, 1.0)), normed(x), atol=1e-2)  # blur is not
+    reloaded = extractors.domain_feature_extractor("digits", images, labels, cache_dir=tmp_path, **TRAINING)
     assert torch.equal(reloaded(x), normed(x))
 
 
@@ -195,9 +195,9 @@ def test_reference_features_are_cached_and_equal_the_extracted_ones(domain_extra
 
 
 def test_cache_dir_follows_the_environment(tmp_path, monkeypatch):
-    monkeypatch.setenv(fid.CACHE_ENV, str(tmp_path))
-    assert fid.fid_cache_dir() == tmp_path / "fid"
-    assert fid.fid_cache_dir(tmp_path / "x") == tmp_path / "x" / "fid"
+    monkeypatch.setenv(extractors.CACHE_ENV, str(tmp_path))
+    assert extractors.fid_cache_dir() == tmp_path / "fid"
+    assert extractors.fid_cache_dir(tmp_path / "x") == tmp_path / "x" / "fid"
 
 
 def _fid_on_rank(rank: int, world_size: int, port: int, reference, fake, out: Path) -> None:
@@ -236,8 +236,8 @@ def test_fakes_split_across_ddp_ranks_give_the_single_process_fid(tmp_path):
 
 @pytest.mark.skipif(not INCEPTION_TORCHSCRIPT.exists(), reason=f"{INCEPTION_TORCHSCRIPT} is absent (../shared)")
 def test_torchscript_inception_gives_finite_2048d_features_and_survives_pickling():
-    extractor = fid.build_feature_extractor("inception", weights_path=INCEPTION_TORCHSCRIPT)
-    assert isinstance(extractor, fid.TorchScriptInceptionV3)
+    extractor = extractors.build_feature_extractor("inception", weights_path=INCEPTION_TORCHSCRIPT)
+    assert isinstance(extractor, extractors.TorchScriptInceptionV3)
     gray = torch.rand(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     features = extractor(gray)  # (2, 2048)
     assert features.shape == (2, 2048) and torch.isfinite(features).all() and (features >= 0).all()
@@ -251,6 +251,6 @@ def test_torchscript_inception_gives_finite_2048d_features_and_survives_pickling
                            "path could not be compared with the TorchScript port on this machine")
 def test_torch_fidelity_inception_agrees_with_the_torchscript_port():
     images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    standard = fid.build_feature_extractor("inception", weights_path=TORCH_FIDELITY_WEIGHTS)(images)
-    port = fid.build_feature_extractor("inception", weights_path=INCEPTION_TORCHSCRIPT)(images)
+    standard = extractors.build_feature_extractor("inception", weights_path=TORCH_FIDELITY_WEIGHTS)(images)
+    port = extractors.build_feature_extractor("inception", weights_path=INCEPTION_TORCHSCRIPT)(images)
     torch.testing.assert_close(port, standard, rtol=1e-3, atol=1e-3)

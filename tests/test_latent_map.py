@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from benchmark import study as study_mod
+from benchmark.cli import run_main
 from benchmark.latent_map import CODES_GID, grid_codes, latent_map_figure
 from benchmark.metrics.likelihood import index_noise
 from benchmark.leaderboard import aggregate, write_leaderboard
@@ -121,7 +121,7 @@ def two_runs(tmp_path_factory, one_thread):
     path = root / "plane.yaml"
     path.write_text(yaml.safe_dump(study))
     results = root / "results"
-    code = study_mod.main([str(path), "--results", str(results), "--work-dir", str(root / "runs"),
+    code = run_main([str(path), "--results", str(results), "--work-dir", str(root / "runs"),
                            "--wandb", "disabled"])
     assert code == 0
     return results

@@ -14,8 +14,9 @@ from scipy import stats
 
 from benchmark.errors import UsageError
 from benchmark.metrics import keys as K
-from benchmark.leaderboard import (aggregate, leaderboard_main, paired_difference, paired_differences, rank,
-                                   reproduction_rows, summarize)
+from benchmark.cli import leaderboard_main
+from benchmark.leaderboard import (aggregate, paired_difference, paired_differences, rank, reproduction_rows,
+                                   summarize)
 from benchmark.records import FinishedRecordError, code_version, environment, load_records, read_record, write_record
 
 CODE = {"commit": "0" * 40, "dirty": False}

@@ -21,7 +21,7 @@ import pytest
 import torch
 import yaml
 
-from benchmark import study as study_mod
+from benchmark.cli import run_main
 from benchmark.records import read_record
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,7 +73,7 @@ def progress_lines(out: str) -> list[str]:
 @slurm
 def test_a_study_runs_through_slurm_with_each_runs_output_in_its_log(tmp_path, capsys):
     path = write_study(tmp_path, "cluster", ["ae", "vae"], epochs=2, batches=3)
-    code = study_mod.main([str(path), "--results", str(tmp_path / "results"), "--work-dir", str(tmp_path / "runs"),
+    code = run_main([str(path), "--results", str(tmp_path / "results"), "--work-dir", str(tmp_path / "runs"),
                            "--wandb", "disabled", "--executor", "slurm", "--slurm", '{"timeout_min": 10}'])
     out = capsys.readouterr().out
     assert code == 0, out

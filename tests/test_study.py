@@ -3,7 +3,7 @@ resumes a killed one to the same numbers, a diverged run is recorded as such and
 side by side in worker processes or through submitit, and W&B's offline files read back.
 
 Runs are tiny (8x8 digits, a few batches of two epochs, a small evaluation). Most studies run in this
-process through ``benchmark.study.main``; a killed run, the workers and submitit need other processes, and
+process through ``benchmark.cli.run_main``; a killed run, the workers and submitit need other processes, and
 each of those pays ~8-10 s of imports.
 """
 
@@ -25,7 +25,9 @@ import pytest
 import torch
 import yaml
 
+from benchmark import executors
 from benchmark import study as study_mod
+from benchmark.cli import run_main
 from benchmark.records import RunRecord, read_record
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -55,7 +57,7 @@ def write_study(folder: Path, name: str, variants: list[str], seeds: list[int], 
 
 
 def run_study(path: Path, results: Path, work: Path, *extra: str) -> int:
-    return study_mod.main([str(path), "--results", str(results), "--work-dir", str(work), *extra])
+    return run_main([str(path), "--results", str(results), "--work-dir", str(work), *extra])
 
 
 def run_name(variant: str, seed: int) -> str:
@@ -181,7 +183,7 @@ def test_a_run_killed_after_a_checkpoint_resumes_to_the_numbers_of_an_uninterrup
         proc.wait()
     at_kill = _checkpoint_epoch(ckpt)
     assert 2 <= at_kill < epochs - 1, at_kill  # killed part way: the resume has epochs left to train
-    assert not (killed / "results" / "runs" / "resume" / f"{run}.json").exists()
+    assert read_record(killed / "results" / "runs" / "resume" / f"{run}.json")["status"] == "running"  # not failed
 
     assert run_study(path, killed / "results", killed / "runs", "--wandb", "disabled") == 0
     assert run_study(path, fresh / "results", fresh / "runs", "--wandb", "disabled") == 0
@@ -311,9 +313,9 @@ def test_a_study_is_read_checked_and_expanded_without_loading_torch_or_lightning
 
 
 def test_counting_cpu_workers_does_not_load_torch_on_a_machine_without_gpu_device_nodes():
-    if study_mod.gpu_device_nodes():
+    if executors.gpu_device_nodes():
         pytest.skip("this machine has GPU device nodes, so torch counts the GPUs")
-    code = "import sys; from benchmark import study; print(study.parse_devices('2'), 'torch' in sys.modules)"
+    code = "import sys; from benchmark import executors; print(executors.parse_devices('2'), 'torch' in sys.modules)"
     proc = subprocess.run([sys.executable, "-c", code], env=subprocess_env(), capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -411,8 +413,8 @@ def test_workers_are_reused_across_runs_and_a_dead_worker_fails_only_its_run(tmp
     study = {"name": "pool", "configs": str(CONFIGS), "datasets": [DATASET], "variants": ["no_info"],
              "seeds": [0, 1, 2, 3, 4]}
     specs = study_mod.expand(study, tmp_path / "results", tmp_path / "runs", "disabled")
-    progress = study_mod.Progress(len(specs))
-    study_mod.run_workers(specs, ["cpu", "cpu"], progress, run=pid_run)
+    progress = executors.Progress(len(specs))
+    executors.run_workers(specs, ["cpu", "cpu"], progress, run=pid_run)
     records = records_of(tmp_path / "results", "pool")
     assert set(records) == {run_name("no_info", s) for s in range(5)}
     dead = records.pop(run_name("no_info", 1))  # recorded by the study, as nobody else could
@@ -427,7 +429,7 @@ def test_submitit_local_executor_runs_the_study_and_writes_records(tmp_path, cap
     monkeypatch.chdir(tmp_path)  # relative results/ and runs/, as the CLI's defaults: the jobs must agree
     monkeypatch.setenv("PYTHONPATH", str(REPO))
     path = write_study(tmp_path / "studies", "sub", ["no_info"], [0])
-    code = study_mod.main([str(path), "--executor", "submitit-local", "--wandb", "disabled",
+    code = run_main([str(path), "--executor", "submitit-local", "--wandb", "disabled",
                            "--slurm", json.dumps({"timeout_min": 5})])
     out = capsys.readouterr().out
     assert code == 0, out
@@ -503,14 +505,14 @@ def test_the_leaderboard_is_a_wandb_table_in_the_study_group(finished_study):
 @pytest.mark.parametrize("variant", ["vae", "ae"])
 def test_evaluate_rebuilds_a_run_from_its_checkpoint_and_reproduces_its_metrics(finished_study, variant, tmp_path):
     """``latent-bench evaluate CKPT`` with the study's evaluation settings gives the record's numbers."""
-    from benchmark.runner import evaluate_checkpoint_main
+    from benchmark.cli import evaluate_main
 
     name = run_name(variant, SEEDS[0])
     record = records_of(finished_study["results"], finished_study["study"])[name]
     ckpt = finished_study["work"] / finished_study["study"] / name / "checkpoints" / "last.ckpt"
     out = tmp_path / "evaluated.json"
     settings = [a for k, v in {**EVALUATION, "seed": SEEDS[0]}.items() for a in ("--set", f"{k}={v}")]
-    evaluate_checkpoint_main([str(ckpt), *settings, "--output", str(out)])
+    evaluate_main([str(ckpt), *settings, "--output", str(out)])
     metrics = read_record(out)["metrics"]
     for key in ("elbo_posthoc", "nll_iw", "gauss_kl"):
         assert metrics[key] == pytest.approx(record["metrics"][key], rel=1e-5), key
@@ -545,12 +547,12 @@ def test_evaluate_prints_json_alone_on_stdout_and_loads_a_user_s_own_variant(fin
 
 def test_evaluate_rejects_a_file_that_is_not_a_checkpoint(tmp_path):
     from benchmark.errors import UsageError
-    from benchmark.runner import evaluate_checkpoint_main
+    from benchmark.cli import evaluate_main
 
     bad = tmp_path / "last.ckpt"
     bad.write_text("not a checkpoint")
     with pytest.raises(UsageError, match="not a latent-bench checkpoint"):
-        evaluate_checkpoint_main([str(bad)])
+        evaluate_main([str(bad)])
 
 
 @pytest.mark.parametrize("field, value, message", [("trainer", "tpu", "unknown trainer 'tpu'; choose one of .*'cpu'"),
@@ -602,12 +604,12 @@ def test_an_unknown_fid_extractor_stops_a_run_before_it_trains(tmp_path):
 def test_inception_weights_that_cannot_load_stop_a_run_before_it_trains(tmp_path, monkeypatch):
     """Offline and without a local file, torch-fidelity cannot fetch Inception's weights: found before
     training, not after it."""
-    from benchmark.metrics import fid
+    from benchmark.metrics import extractors
 
     def offline(self, weights_path=None):
-        raise fid.UsageError("torch-fidelity could not load its Inception weights (no network)")
+        raise study_mod.UsageError("torch-fidelity could not load its Inception weights (no network)")
 
-    monkeypatch.setattr(fid.TorchFidelityInceptionV3, "__init__", offline)
+    monkeypatch.setattr(extractors.TorchFidelityInceptionV3, "__init__", offline)
     path = write_study(tmp_path, "offline_inception", ["ae"], [0])
     with pytest.raises(study_mod.UsageError, match="could not load its Inception weights"):
         run_study(path, tmp_path / "results", tmp_path / "runs", "--wandb", "disabled",
@@ -798,7 +800,7 @@ def test_ctrl_c_prints_one_line_exits_130_and_the_rerun_resumes(tmp_path, device
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 130, (out, err)
     assert err.strip().splitlines() == ["latent-bench: interrupted; rerun the same command to resume"], err
-    assert not (results / "runs" / "stop" / f"{run_name('vae', 0)}.json").exists()  # interrupted is not failed
+    assert read_record(results / "runs" / "stop" / f"{run_name('vae', 0)}.json")["status"] == "running"  # not failed
     extra = ["--set", "trainer.enable_progress_bar=true"] if devices else []
     assert run_study(path, results, work, "--wandb", "disabled", "--seeds", "0", *extra) == 0
     assert read_record(results / "runs" / "stop" / f"{run_name('vae', 0)}.json")["timings"]["resumed"] is True

@@ -24,7 +24,8 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from benchmark.metrics.fid import FeatureExtractor, FrechetDistanceToReference, ReferenceStatistics
+from benchmark.metrics.extractors import FeatureExtractor
+from benchmark.metrics.fid import FrechetDistanceToReference, ReferenceStatistics
 
 KID_SUBSETS = 100
 KID_SUBSET_SIZE = 1000

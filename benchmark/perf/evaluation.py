@@ -22,7 +22,8 @@ import torch
 
 from benchmark.errors import UsageError
 from benchmark.evaluation import PosthocPosterior
-from benchmark.metrics.fid import FrechetDistanceToReference, build_feature_extractor, reference_statistics
+from benchmark.metrics.extractors import build_feature_extractor
+from benchmark.metrics.fid import FrechetDistanceToReference, reference_statistics
 from benchmark.metrics.gaussianity import gaussianity
 from benchmark.metrics.likelihood import elbo_terms, index_noise, iw_log_likelihood
 from benchmark.runner import load_checkpoint, train_and_evaluate

@@ -25,8 +25,8 @@ import torch
 from torch import Tensor
 
 from benchmark.data import LatentDataModule
-from benchmark.metrics.fid import (RECIPES, build_feature_extractor, frechet_distance, gaussian_blur,
-                                   images_to_features, images_to_reference_statistics)
+from benchmark.metrics.extractors import RECIPES, build_feature_extractor, gaussian_blur
+from benchmark.metrics.fid import frechet_distance, images_to_features, images_to_reference_statistics
 from benchmark.metrics.sample_quality import sample_quality_from_features
 
 METRICS = ("fid", "kid", "precision", "recall")
