@@ -74,17 +74,49 @@ def kl(q: Distribution, p: Distribution, z: Tensor | None = None) -> Tensor:
         return q.log_prob(z) - p.log_prob(z)
 
 
+_REPARAMETRIZATIONS: dict[type, object] = {}
+
+
+def register_reparametrization(cls: type):
+    """Decorator: ``fn(q, eps) -> z`` is how a ``cls`` posterior turns standard-normal noise into its sample
+    (the way ``torch.distributions.register_kl`` registers a KL); a subclass inherits it."""
+    def decorate(fn):
+        if cls in _REPARAMETRIZATIONS:
+            raise ValueError(f"a reparametrisation of {cls.__name__} is registered already")
+        _REPARAMETRIZATIONS[cls] = fn
+        return fn
+    return decorate
+
+
 def reparametrize(q: Distribution, eps: Tensor) -> Tensor:
     """z = g(eps; q) for given standard-normal noise eps (..., B, D): the sample q.rsample() would draw with
     that noise. Lets the evaluation tie the noise to each image, so results do not depend on batching or on
-    how many processes share the test split."""
-    if isinstance(q, Delta):
-        return q.loc.expand_as(eps)
-    if isinstance(q, Independent) and isinstance(q.base_dist, Normal):
-        return q.base_dist.loc + q.base_dist.scale * eps
-    if isinstance(q, MultivariateNormal):
-        return q.loc + (q.scale_tril @ eps.unsqueeze(-1)).squeeze(-1)
-    raise NotImplementedError(f"no reparametrisation for {type(q).__name__}")
+    how many processes share the test split. Dispatches on q's type (its nearest registered class)."""
+    fn = next((_REPARAMETRIZATIONS[c] for c in type(q).__mro__ if c in _REPARAMETRIZATIONS), None)
+    if fn is None:
+        raise NotImplementedError(f"no reparametrisation for {type(q).__name__}; register one with "
+                                  f"@register_reparametrization({type(q).__name__}) in benchmark.latents")
+    return fn(q, eps)
+
+
+@register_reparametrization(Delta)
+def _reparametrize_delta(q, eps):
+    return q.loc.expand_as(eps)
+
+
+@register_reparametrization(Normal)
+def _reparametrize_normal(q, eps):
+    return q.loc + q.scale * eps
+
+
+@register_reparametrization(Independent)
+def _reparametrize_independent(q, eps):  # reinterpreting batch dimensions leaves the draw as it is
+    return reparametrize(q.base_dist, eps)
+
+
+@register_reparametrization(MultivariateNormal)
+def _reparametrize_mvn(q, eps):
+    return q.loc + (q.scale_tril @ eps.unsqueeze(-1)).squeeze(-1)
 
 
 def standard_normal(latent_dim: int, like: Tensor, batch_shape=()) -> Distribution:

@@ -18,7 +18,7 @@ from torch.distributions import Distribution
 from torchmetrics import Metric
 
 from benchmark.errors import UsageError
-from benchmark.latents import Deterministic, Posterior, standard_normal
+from benchmark.latents import Deterministic, Posterior, reparametrize, standard_normal
 from benchmark.likelihoods import make_likelihood
 from benchmark.nets import NETWORKS
 
@@ -82,6 +82,7 @@ class LatentVariableModel(L.LightningModule):
         self.decoder = make_decoder(latent_dim, data_shape, hidden)
         output = [m for m in self.encoder.modules() if isinstance(m, nn.Linear)][-1]  # every network ends in one
         self.head.init_output(output)
+        _check_posterior(self.head, latent_dim, type(self).__name__)
         if compile:
             self.encoder.compile()
             self.decoder.compile()
@@ -177,3 +178,12 @@ class LatentVariableModel(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint):
         checkpoint["variant_class"] = f"{type(self).__module__}.{type(self).__qualname__}"
+
+
+def _check_posterior(head: Posterior, latent_dim: int, variant: str):
+    """A head whose posterior the evaluation cannot sample with given noise fails here, before training."""
+    q = head(torch.zeros(1, head.n_params(latent_dim)))
+    try:
+        reparametrize(q, torch.zeros(1, latent_dim))
+    except NotImplementedError as e:
+        raise UsageError(f"{variant}'s posterior {type(q).__name__}: {e}") from None

@@ -5,7 +5,8 @@ import torch
 from torch.distributions import MultivariateNormal
 
 from benchmark import regularizers as R
-from benchmark.latents import Delta, Diagonal, FixedScale, FullCovariance, NoInformation, kl, standard_normal
+from benchmark.latents import (Delta, Diagonal, FixedScale, FullCovariance, NoInformation, Posterior, kl, reparametrize,
+                               standard_normal)
 from benchmark.errors import UsageError
 from benchmark.module import TermMeans
 from benchmark.variants import VARIANTS
@@ -118,7 +119,7 @@ def codes(kind, seed=0):
     R.moment_kl,
     lambda z: R.imq_mmd(z, torch.randn_like(z)),
     lambda z: R.sliced_wasserstein(z, 100),
-    lambda z: 0.5 * z.pow(2).sum(-1).mean() - 0.5 * D,  # RAE's |z|^2 term, centred on its prior value
+    lambda z: make("rae").regularizer(z, None, None) - 0.5 * D,  # RAE's |z|^2 term, centred on its prior value
 ], ids=["moments", "mmd", "swd", "rae"])
 def test_regulariser_is_minimal_for_prior_codes_and_large_for_shifted_or_scaled(penalty):
     torch.manual_seed(0)
@@ -223,3 +224,53 @@ def test_rae_gradient_penalty_does_not_depend_on_the_code_penalty_weight(x):
     m = make("rae", decoder_reg="gp", weight=0.0)
     z = m.posterior(x).rsample()
     assert m.decoder_regularizer(z, m.decoder(z)) > 0
+
+
+# --- reparametrisation by type, and the objective's meaning ---------------------------------------------------
+
+@pytest.mark.parametrize("head, n_params", [(Delta, 4), (FixedScale(0.7), 4), (Diagonal(), 8),
+                                            (FullCovariance(), 4 + 10)], ids=["delta", "fixed", "diag", "full"])
+def test_reparametrize_draws_from_the_law_of_q(head, n_params):
+    """Standard-normal noise through ``reparametrize`` has q's mean and covariance, for every head."""
+    torch.manual_seed(0)
+    h = torch.randn(3, n_params)
+    q = Delta(h) if head is Delta else head(h)
+    n = 40_000
+    z = reparametrize(q, torch.randn(n, 3, 4))  # (n, B, D)
+    centred = z - z.mean(0)
+    cov = torch.einsum("nbi,nbj->bij", centred, centred) / (n - 1)
+    want = q.covariance_matrix if isinstance(q, MultivariateNormal) else torch.diag_embed(q.variance)
+    scale = want.diagonal(dim1=-2, dim2=-1).sqrt().clamp_min(1e-3)
+    assert torch.allclose(z.mean(0), q.mean, atol=float(5 * scale.max() / n ** 0.5) + 1e-6)
+    assert torch.allclose(cov, want, atol=float(0.05 * scale.max() ** 2) + 1e-6)
+
+
+def test_a_posterior_the_evaluation_cannot_sample_fails_when_the_model_is_built():
+    class Laplacian(Posterior):
+        def n_params(self, latent_dim):
+            return 2 * latent_dim
+
+        def forward(self, h):
+            loc, scale = h.chunk(2, -1)
+            return torch.distributions.Independent(torch.distributions.Laplace(loc, scale.exp()), 1)
+
+    class LaplaceVAE(VARIANTS["vae"]):
+        def make_posterior(self):
+            return Laplacian()
+
+    with pytest.raises(UsageError, match="LaplaceVAE's posterior Independent: no reparametrisation for Laplace"):
+        LaplaceVAE(data_shape=SHAPE, latent_dim=4, hidden=(32,))
+
+
+def test_the_vae_objective_at_weight_1_is_minus_the_elbo(x):
+    """The loss trained on is -ELBO = E_q[-log p(x|z)] + KL(q(z|x) || N(0, I)) on the same noise, written here
+    with torch.distributions alone."""
+    m = make("vae", weight=1.0)
+    torch.manual_seed(3)
+    loss = m.objective(x)[0]
+    torch.manual_seed(3)
+    q = m.posterior(x)
+    z = q.rsample()
+    prior = torch.distributions.Independent(torch.distributions.Normal(torch.zeros(4), torch.ones(4)), 1)
+    minus_elbo = (-m.decode(z).log_prob(x) + torch.distributions.kl_divergence(q, prior)).mean()
+    assert torch.allclose(loss, minus_elbo, rtol=1e-6)
