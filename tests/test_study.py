@@ -804,3 +804,28 @@ def test_ctrl_c_prints_one_line_exits_130_and_the_rerun_resumes(tmp_path, device
     extra = ["--set", "trainer.enable_progress_bar=true"] if devices else []
     assert run_study(path, results, work, "--wandb", "disabled", "--seeds", "0", *extra) == 0
     assert read_record(results / "runs" / "stop" / f"{run_name('vae', 0)}.json")["timings"]["resumed"] is True
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The same records for the same runs, before and after the code's reorganisation
+# ------------------------------------------------------------------------------------------------------------
+
+def test_the_same_runs_give_the_records_of_the_code_before_its_reorganisation(tmp_path):
+    """``tests/data/same_records_1528bdc.json`` holds the metrics of three tiny runs (a deterministic encoder, a
+    diagonal and a full-covariance posterior) written by commit 1528bdc, before the stages became files and
+    reparametrisation a dispatch: this code gives the same keys and the same numbers."""
+    before = json.loads((REPO / "tests" / "data" / "same_records_1528bdc.json").read_text())
+    path = tmp_path / "same_records.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "same_records", "trainer": "cpu", "datasets": [DATASET], "variants": ["ae", "vae", "vae_fullcov"],
+        "seeds": [0], "evaluation": EVALUATION,
+        "overrides": {"trainer.max_epochs": 2, "trainer.limit_train_batches": 3, "trainer.enable_progress_bar": False}}))
+    assert run_study(path, tmp_path / "results", tmp_path / "runs", "--wandb", "disabled") == 0
+    after = records_of(tmp_path / "results", "same_records")
+    assert set(after) == set(before)
+    for name, old in before.items():
+        for part in ("metrics", "validation"):
+            new = after[name][part]
+            assert set(new) == set(old[part]), (name, part, set(new) ^ set(old[part]))
+            for key, value in old[part].items():
+                assert new[key] == pytest.approx(value, rel=1e-6, abs=1e-9, nan_ok=True), (name, part, key)
