@@ -21,7 +21,7 @@ from typing import Iterable, Sequence
 
 from benchmark.errors import UsageError
 from benchmark.metrics import keys as K
-from benchmark.records import _atomic_write, load_records
+from benchmark.records import atomic_write, load_records
 from benchmark.selection import CRITERIA, UNTUNED, at_edge, is_swept, select, setting_label, tuned_view, views
 
 # The tables of each (study, dataset), each ranked by its own metric, named in its heading. A table's ranking
@@ -345,7 +345,7 @@ def write_paired_csv(rows: Sequence[PairedRow], path: str | Path) -> Path:
         w.writerow([r.study, r.dataset, r.variant, r.reference, r.metric,
                     *["" if math.isnan(v) else repr(v) for v in (d.mean, d.std, d.ci95)], d.n, d.n_sign,
                     " ".join(map(str, d.seeds)), r.view or "", "" if r.budget is None else r.budget])
-    _atomic_write(Path(path), out.getvalue())
+    atomic_write(Path(path), out.getvalue())
     return Path(path)
 
 
@@ -765,7 +765,7 @@ def write_csv(groups: Sequence[Group], path: str | Path) -> Path:
             w.writerow([g.study, g.dataset, g.variant, name,
                         *["" if math.isnan(v) else repr(v) for v in (s.mean, s.std, s.ci95)], s.n,
                         g.view or "", "" if g.budget is None else g.budget, g.setting])
-    _atomic_write(Path(path), out.getvalue())
+    atomic_write(Path(path), out.getvalue())
     return Path(path)
 
 
@@ -940,7 +940,7 @@ def write_leaderboard(results_dir: str | Path, references: str | Path | None = N
     write_csv(groups + sweep, root / "leaderboard.csv")
     write_paired_csv(paired, root / "leaderboard_paired.csv")
     md = root / "leaderboard.md"
-    _atomic_write(md, leaderboard_markdown(groups, refs, plots, n_records=len(records), paired=paired,
+    atomic_write(md, leaderboard_markdown(groups, refs, plots, n_records=len(records), paired=paired,
                                            selection=selection_markdown(sweep, records),
                                            beside=beside_markdown(groups, others) if others else ()))
     return md

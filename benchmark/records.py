@@ -133,7 +133,7 @@ def write_record(path: str | Path, record: dict | RunRecord, overwrite: bool = F
         if not overwrite and _is_finished(path):
             raise FinishedRecordError(f"{path} holds a finished run; move it away to rerun that run "
                                       "(or pass overwrite=True)")
-        _atomic_write(path, text)
+        atomic_write(path, text)
     return path
 
 
@@ -141,16 +141,19 @@ def write_json(path: str | Path, obj) -> Path:
     """Any JSON-able ``obj`` to ``path``, atomically (the run's protocol beside its checkpoints)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
+    atomic_write(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
     return path
 
 
-def _atomic_write(path: Path, text: str):
-    """Temp file in the same folder, fsync, rename over ``path``, fsync the folder (the rename is durable)."""
+def atomic_write(path: str | Path, data: str | bytes):
+    """Temp file in the same folder, fsync, rename over ``path``, fsync the folder (the rename is durable):
+    a reader, another rank or a study beside this one sees the old file or the new one, never a part."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)

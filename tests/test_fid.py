@@ -43,14 +43,8 @@ def json_meta(cache_dir: Path, extractor) -> dict:
     return json.loads((cache_dir / "fid" / f"{extractor.tag}.json").read_text())
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from threads, and on a busy 2-core machine OpenMP barriers made these tests
-    20x slower (70 s instead of 9 s)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny tensors gain nothing from threads: on a busy 2-core machine OpenMP barriers made these tests 20x slower.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TRAINING = dict(epochs=1, min_steps=40, batch_size=64)  # seconds, not minutes

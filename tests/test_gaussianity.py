@@ -14,13 +14,7 @@ from benchmark.metrics import keys
 N = 2000
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # The pairwise blocks here are small; on 2 busy cores torch's thread pool costs more than it saves.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small pairwise blocks: one torch thread is faster
 
 
 def codes(kind: str, n: int = N, d: int = 8, seed: int = 0, shift: float = 0.5) -> torch.Tensor:

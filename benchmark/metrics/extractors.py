@@ -17,10 +17,10 @@ A new extractor is a ``FeatureExtractor`` subclass registered with ``@register_f
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import os
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from benchmark.errors import UsageError
+from benchmark.records import atomic_write
 
 INCEPTION_SIZE = 299
 INCEPTION_TORCHSCRIPT_FILE = "inception-v3-2015-12-05.torchscript.pt"
@@ -57,11 +58,10 @@ def tensors_checksum(*tensors: Tensor) -> str:
 
 
 def atomic_save(obj: object, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    torch.save(obj, tmp)
-    os.replace(tmp, path)  # concurrent writers (ranks, studies) never leave a half-written file
+    """``torch.save`` of ``obj``, written atomically: concurrent writers (ranks, studies) never leave half a file."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write(path, buffer.getvalue())
 
 
 # ----------------------------------------------------------------------------------------------------------------
