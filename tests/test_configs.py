@@ -206,16 +206,16 @@ def test_a_study_outside_the_repository_finds_the_packaged_configs_and_the_users
     from benchmark.records import read_record
 
     monkeypatch.chdir(tmp_path)  # nothing of the repository's beside it
-    path = user_study(tmp_path / "project", ["vae", "half_kl"], "my_variants")
+    path = user_study(tmp_path / "project", ["vae", "half_kl"], "outside_variants")
     specs = expand(load_study(path), results_dir="r", work_dir="w", wandb="disabled")
     packaged = {Path(f).resolve() for s in specs for f in s.config_files if "half_kl" not in f}
     assert packaged == {(CONFIGS / "trainer" / "cpu.yaml").resolve(), (CONFIGS / "data" / "digits_binary.yaml").resolve(),
                         (CONFIGS / "model" / "vae.yaml").resolve()}
-    assert "my_variants" not in __import__("sys").modules
+    assert "outside_variants" not in __import__("sys").modules
     # two workers: a spawned process imports the user's module too
     assert run_main([str(path), "--results", "r", "--work-dir", "w", "--wandb", "disabled", "--devices", "2"]) == 0
     record = read_record(tmp_path / "r" / "runs" / "outside" / "digits_binary-half_kl-s0.json")
-    assert record["status"] == "finished" and record["config"]["model"]["class_path"] == "my_variants.HalfKLVAE"
+    assert record["status"] == "finished" and record["config"]["model"]["class_path"] == "outside_variants.HalfKLVAE"
     assert record["config"]["model"]["init_args"]["weight"] == 0.5
     assert str(tmp_path / "project") not in __import__("sys").path  # the study leaves the path as it was
 
