@@ -22,13 +22,17 @@ def gaussian_kl_to_standard(mean: Tensor, cov: Tensor, jitter: float = 1e-6) -> 
     return 0.5 * (cov.diagonal(dim1=-2, dim2=-1).sum(-1) + mean.pow(2).sum(-1) - d - logdet)
 
 
+def batch_moments(z: Tensor) -> tuple[Tensor, Tensor]:
+    """The codes' mean (D,) and sample covariance (D, D), ddof = 1."""
+    mean = z.mean(0)
+    zc = z - mean
+    return mean, zc.T @ zc / (z.shape[0] - 1)
+
+
 def moment_kl(z: Tensor) -> Tensor:
     """KL(N(mean_B, cov_B) || N(0, I)) of the batch's first two moments: the literal proposal
     "make the empirical distribution of the codes close to N(0, I)"."""
-    mean = z.mean(0)
-    zc = z - mean
-    cov = zc.T @ zc / (z.shape[0] - 1)  # (D, D)
-    return gaussian_kl_to_standard(mean, cov)
+    return gaussian_kl_to_standard(*batch_moments(z))
 
 
 def imq_mmd(z: Tensor, z_prior: Tensor, scales=(0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)) -> Tensor:
@@ -43,12 +47,14 @@ def imq_mmd(z: Tensor, z_prior: Tensor, scales=(0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10
     return ((k_qq * off).sum() + (k_pp * off).sum()) / (n * (n - 1)) - 2 * k_qp.mean()
 
 
-def sliced_wasserstein(z: Tensor, n_projections: int = 50, p: int = 2) -> Tensor:
+def sliced_wasserstein(z: Tensor, n_projections: int = 50, p: int = 2,
+                       generator: torch.Generator | None = None) -> Tensor:
     """Sliced p-Wasserstein distance (to the p-th power) between the codes and N(0, I)
     (Kolouri et al. 2019, SWAE, Eq. 9). Projections of N(0, I) on unit directions are N(0, 1), so the
-    target's sorted projections are the exact normal quantiles at (i - 1/2) / B instead of prior samples."""
+    target's sorted projections are the exact normal quantiles at (i - 1/2) / B instead of prior samples.
+    The directions are uniform on the sphere, drawn from ``generator`` (a seeded one makes a metric of it)."""
     b, d = z.shape
-    theta = torch.randn(d, n_projections, device=z.device, dtype=z.dtype)
+    theta = torch.randn(d, n_projections, generator=generator, device=z.device, dtype=z.dtype)
     theta = theta / theta.norm(dim=0, keepdim=True)
     proj = (z @ theta).sort(dim=0).values  # (B, L)
     u = (torch.arange(b, device=z.device, dtype=z.dtype) + 0.5) / b
