@@ -24,7 +24,7 @@ from benchmark.latents import Delta, reparametrize
 from benchmark.metrics import keys
 from benchmark.metrics.extractors import FEATURE_EXTRACTORS, build_feature_extractor
 from benchmark.metrics.fid import features_to_reference_statistics, reference_features, reference_statistics
-from benchmark.metrics.gaussianity import LatentGaussianity
+from benchmark.metrics.gaussianity import LatentGaussianity, fit_gmm
 from benchmark.metrics.likelihood import (DISCRETE, LikelihoodBounds, bpd_metrics, elbo_terms, index_noise,
                                           iw_ladder, iw_log_weights, likelihood_kind)
 from benchmark.metrics.sample_quality import SampleQuality
@@ -101,18 +101,6 @@ def training_codes(model: LatentVariableModel, x: Tensor, binary: bool, seed: in
         batch = torch.bernoulli(batch, generator=g) if binary else batch
         codes.append(model.posterior(batch.to(model.device)).mean.double().cpu())
     return torch.cat(codes).numpy()
-
-
-def fit_gmm(codes: np.ndarray, n_components: int, seed: int):
-    """The RAE protocol's ex-post density: a full-covariance Gaussian mixture on the training codes
-    (Ghosh et al. 2020, Section 4). Fitted in float64 (float32 gives spuriously non-PSD covariances)."""
-    from sklearn.mixture import GaussianMixture
-    from threadpoolctl import threadpool_limits
-
-    # One BLAS thread: EM's products are (N, D) x (D, D) with D ~ 16, too small to share, and a second
-    # pool beside torch's only contends (50k codes: 7.8 s -> 5.0 s on 2 cores, the same fit).
-    with threadpool_limits(1):
-        return GaussianMixture(n_components, covariance_type="full", reg_covar=1e-6, random_state=seed).fit(codes)
 
 
 class Evaluation(L.LightningModule):
