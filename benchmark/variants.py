@@ -105,9 +105,13 @@ class RAE(LatentVariableModel):
     def configure_optimizers(self):
         if self.hparams.decoder_reg != "l2":
             return super().configure_optimizers()
-        dec = set(self.decoder.parameters())
-        groups = [{"params": [p for p in self.parameters() if p not in dec]},
-                  {"params": list(dec), "weight_decay": self.hparams.decoder_weight}]
+        # Each group in the modules' own order: a checkpoint's optimizer state is matched to the parameters by
+        # position, and a set's order (by object id) differs from one process to the next, so a resumed run
+        # got another tensor's moments (a segfault in the fused step).
+        dec = list(self.decoder.parameters())
+        in_dec = {id(p) for p in dec}
+        groups = [{"params": [p for p in self.parameters() if id(p) not in in_dec]},
+                  {"params": dec, "weight_decay": self.hparams.decoder_weight}]
         return torch.optim.Adam(groups, lr=self.hparams.lr, fused=True)
 
 

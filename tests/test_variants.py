@@ -274,3 +274,26 @@ def test_the_vae_objective_at_weight_1_is_minus_the_elbo(x):
     prior = torch.distributions.Independent(torch.distributions.Normal(torch.zeros(4), torch.ones(4)), 1)
     minus_elbo = (-m.decode(z).log_prob(x) + torch.distributions.kl_divergence(q, prior)).mean()
     assert torch.allclose(loss, minus_elbo, rtol=1e-6)
+
+
+def test_the_rae_optimizer_state_of_a_checkpoint_fits_a_new_process_model(x):
+    """RAE's decoder weight decay is a parameter group: both groups keep the modules' order, so the optimizer
+    state a checkpoint holds (matched by position) lands on the same tensors in a resumed run."""
+    trained = make("rae", decoder_reg="l2")
+    opt = trained.configure_optimizers()
+    assert opt.param_groups[1]["params"] == list(trained.decoder.parameters())
+    assert opt.param_groups[0]["params"] == [p for n, p in trained.named_parameters() if not n.startswith("decoder.")]
+    for _ in range(2):
+        opt.zero_grad()
+        trained.objective(x)[0].backward()
+        opt.step()
+    resumed = make("rae", decoder_reg="l2")
+    resumed.load_state_dict(trained.state_dict())
+    again = resumed.configure_optimizers()
+    again.load_state_dict(opt.state_dict())
+    for group in again.param_groups:
+        for p in group["params"]:
+            assert again.state[p]["exp_avg"].shape == p.shape
+    again.zero_grad()
+    resumed.objective(x)[0].backward()
+    again.step()
