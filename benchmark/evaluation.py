@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.distributions import Distribution, MultivariateNormal
 
 from benchmark.errors import UsageError
-from benchmark.latents import Delta, reparametrize
+from benchmark.latents import Delta, lower_triangular, reparametrize
 from benchmark.metrics import keys
 from benchmark.metrics.extractors import FEATURE_EXTRACTORS, build_feature_extractor
 from benchmark.metrics.fid import features_to_reference_statistics, reference_features, reference_statistics
@@ -70,9 +70,7 @@ class PosthocPosterior(L.LightningModule):
             tril_enc = torch.diag_embed(torch.where(s > 0, s, F.softplus(self.start_scale)))
         h = self.correction(x)
         dmu, ds, off = h[..., :d], h[..., d: 2 * d], h[..., 2 * d:]
-        rows, cols = torch.tril_indices(d, d, offset=-1, device=x.device)
-        a = torch.diag_embed(ds.exp())
-        a[..., rows, cols] = self.offdiag_scale * off  # (B, D, D), lower-triangular, positive diagonal
+        a = lower_triangular(ds.exp(), self.offdiag_scale * off)  # (B, D, D), positive diagonal
         return MultivariateNormal(q_enc.mean + dmu, scale_tril=tril_enc @ a, validate_args=False)
 
     def on_train_epoch_start(self):

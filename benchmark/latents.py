@@ -125,6 +125,16 @@ def standard_normal(latent_dim: int, like: Tensor, batch_shape=()) -> Distributi
     return Independent(Normal(zeros, torch.ones_like(zeros), validate_args=False), 1)
 
 
+def lower_triangular(diagonal: Tensor, off: Tensor) -> Tensor:
+    """The (..., D, D) lower-triangular matrix with ``diagonal`` (..., D) on its diagonal and ``off``
+    (..., D(D-1)/2) below it, row by row (``torch.tril_indices`` order)."""
+    d = diagonal.shape[-1]
+    rows, cols = torch.tril_indices(d, d, offset=-1, device=diagonal.device)
+    tril = torch.diag_embed(diagonal)
+    tril[..., rows, cols] = off
+    return tril
+
+
 class Posterior(nn.Module):
     """A head mapping encoder features h (B, n_params(D)) to q(z|x) with event shape (D,)."""
 
@@ -202,10 +212,7 @@ class FullCovariance(Posterior):
     def forward(self, h):
         d = int((math.isqrt(8 * h.shape[-1] + 9) - 3) // 2)  # solves d + d(d+1)/2 = n
         mu, s, off = h[..., :d], h[..., d: 2 * d], h[..., 2 * d:]
-        rows, cols = torch.tril_indices(d, d, offset=-1, device=h.device)
-        tril = h.new_zeros(*h.shape[:-1], d, d)
-        tril[..., rows, cols] = self.offdiag_scale * off
-        tril = tril + torch.diag_embed(F.softplus(s) + 1e-4)
+        tril = lower_triangular(F.softplus(s) + 1e-4, self.offdiag_scale * off)
         return MultivariateNormal(mu, scale_tril=tril, validate_args=False)
 
 
