@@ -15,7 +15,8 @@ import yaml
 from benchmark.cli import run_main
 from benchmark.latent_map import CODES_GID, grid_codes, latent_map_figure
 from benchmark.metrics.likelihood import index_noise
-from benchmark.leaderboard import aggregate, write_leaderboard
+from benchmark.leaderboard import write_leaderboard
+from benchmark.leaderboard.tables import aggregate
 from benchmark.records import read_record, write_record
 from benchmark.variants import AE, VAE
 

@@ -15,8 +15,8 @@ from scipy import stats
 from benchmark.errors import UsageError
 from benchmark.metrics import keys as K
 from benchmark.cli import leaderboard_main
-from benchmark.leaderboard import (aggregate, paired_difference, paired_differences, rank, reproduction_rows,
-                                   summarize)
+from benchmark.leaderboard.references import reproduction_rows
+from benchmark.leaderboard.tables import aggregate, paired_difference, paired_differences, rank, summarize
 from benchmark.records import FinishedRecordError, code_version, environment, load_records, read_record, write_record
 
 CODE = {"commit": "0" * 40, "dirty": False}
@@ -322,7 +322,7 @@ def test_a_reference_may_name_several_data_configs_and_each_is_compared_on_its_o
 
 
 def test_bundled_references_are_well_formed():
-    from benchmark.leaderboard import load_references
+    from benchmark.leaderboard.references import load_references
 
     root = Path(__file__).resolve().parents[1]
     entries = load_references(root / "results" / "references.yaml")
@@ -356,7 +356,8 @@ def test_an_old_deterministic_record_shows_its_ex_post_elbo_under_that_name_only
 # --- a user's rows beside the committed ones -------------------------------------------------------------------
 
 def test_a_users_rows_rank_beside_another_folders_with_the_protocol_fields_that_differ(tmp_path):
-    from benchmark.leaderboard import beside_tables, write_leaderboard
+    from benchmark.leaderboard import write_leaderboard
+    from benchmark.leaderboard.tables import beside_tables
 
     mine, committed = tmp_path / "mine", tmp_path / "results"
     write_all(mine, [record("vae", s, study="quick", nll_iw=v) for s, v in [(0, 30.0), (1, 31.0)]])
