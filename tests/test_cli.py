@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from benchmark import cli
+from helpers import console_script
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -125,11 +125,6 @@ def test_unknown_command_exits_2_and_help_exits_0(capsys):
     assert cli.main(["fitt"]) == 2
     assert cli.main(["--help"]) == 0
     assert "latent-bench fit" in capsys.readouterr().out
-
-
-def console_script() -> list[str]:
-    script = Path(sys.executable).with_name("latent-bench")
-    return [str(script)] if script.is_file() else [sys.executable, "-m", "benchmark.cli"]
 
 
 def test_console_script_reports_bad_input_on_exactly_one_stderr_line(tmp_path):

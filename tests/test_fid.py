@@ -4,7 +4,6 @@ import copy
 import json
 import os
 import pickle
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,7 @@ import torch.multiprocessing as mp
 
 from benchmark.errors import UsageError
 from benchmark.metrics import extractors, fid
+from helpers import free_port
 from conftest import FlattenFeatures
 
 SHARED = Path(__file__).parents[1].parent / "shared"
@@ -216,9 +216,7 @@ def test_fakes_split_across_ddp_ranks_give_the_single_process_fid(tmp_path):
     reference = fid.images_to_reference_statistics(real, extractor)
     single = fid.frechet_distance(fake, reference, extractor)
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     # fork, where there is one, skips re-importing torch in each rank (seconds on 2 cores)
     start_method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
     mp.start_processes(_fid_on_rank, args=(2, port, reference, fake, tmp_path), nprocs=2, start_method=start_method)

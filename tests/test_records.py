@@ -18,6 +18,7 @@ from benchmark.cli import leaderboard_main
 from benchmark.leaderboard.references import reproduction_rows
 from benchmark.leaderboard.tables import aggregate, paired_difference, paired_differences, rank, summarize
 from benchmark.records import FinishedRecordError, code_version, environment, load_records, read_record, write_record
+from helpers import cell, markdown_tables
 
 CODE = {"commit": "0" * 40, "dirty": False}
 PROTOCOL = {"fid_extractor": "domain", "fid_samples": 1000, "fid_reference": "test", "iw_samples": 100,
@@ -203,20 +204,23 @@ def test_paired_differences_per_table_and_leaderboard_section(tmp_path):
     assert other["vae", "nll_iw"].diff.mean == pytest.approx(-5.0) and other["vae", "nll_iw"].reference == "ae"
 
     write_all(tmp_path, records)
-    text = leaderboard_main([str(tmp_path)]).read_text()
-    section = text.split("## Paired differences to vae", 1)[1]
-    assert "### s / digits" in section and "other" not in section.split("## Reproduction")[0]
-    moments_row = next(line for line in section.splitlines() if line.startswith("| ae_moments |"))
-    assert "+0.4 ± " in moments_row and "(3/3)" in moments_row
-    header = next(line for line in section.splitlines() if line.startswith("| variant |"))
-    assert "nll_iw ↓" in header and "hz_p" not in header  # no direction: in the CSV only
+    tables = markdown_tables(leaderboard_main([str(tmp_path)]).read_text())
+    assert {path[1] for path in tables if path[0] == "Paired differences to vae"} == {"s / digits"}  # no
+    # vae in study "other": nothing to pair with
+    paired = {row["variant"]: row for row in tables["Paired differences to vae", "s / digits"]}
+    moments = cell(paired["ae_moments"]["nll_iw ↓"])
+    assert moments.mean == pytest.approx(0.4) and (moments.n, moments.of) == (3, 3)
+    others = tables["Paired differences to vae", "s / digits", "Other metrics:"]
+    assert all("hz_p" not in row for row in others) and cell(others[0]["gauss_kl ↓"]).of == 3  # hz_p, without a
+    # direction, is in the CSV only
     with open(tmp_path / "leaderboard_paired.csv") as f:
         csv_rows = {(r["variant"], r["metric"]): r for r in csv.DictReader(f)}
     row = csv_rows["ae_moments", "nll_iw"]
     assert (row["reference"], row["n"], row["n_sign"], row["seeds"]) == ("vae", "3", "3", "0 1 2")
     assert float(row["mean"]) == pytest.approx(0.4) and ("ae", "hz_p") in csv_rows
     leaderboard_main([str(tmp_path), "--reference-variant", "ae"])
-    assert "## Paired differences to ae" in (tmp_path / "leaderboard.md").read_text()
+    tables = markdown_tables((tmp_path / "leaderboard.md").read_text())
+    assert {row["variant"] for row in tables["Paired differences to ae", "s / digits"]} >= {"vae", "ae_moments"}
     with pytest.raises(UsageError, match="--reference-variant wae: no record has that variant"):
         leaderboard_main([str(tmp_path), "--reference-variant", "wae"])
 
@@ -244,13 +248,18 @@ def test_leaderboard_writes_markdown_csv_and_plots(tmp_path, capsys):
     md = leaderboard_main([str(tmp_path)])
     assert md == tmp_path / "leaderboard.md" and str(md) in capsys.readouterr().out
     text = md.read_text()
-    assert "fid_prior ↓" in text and "elbo (encoder's q) ↑" in text
-    assert "### Samples, ranked by fid_prior ↓" in text and "### Likelihood, ranked by elbo (encoder's q) ↑" in text
-    samples = text.split("### Samples")[1].split("###")[0].splitlines()
-    rows = [line for line in samples if line.startswith("| 1 |") or line.startswith("| 2 |")]
-    assert "wae_mmd" in rows[0] and "16 ± " in rows[0] and "(3)" in rows[0]
-    vae_row = next(line for line in samples if line.startswith("| 2 | vae |"))
-    assert vae_row.rstrip(" |").endswith("| 1 | 0")  # one diverged run counted, not averaged
+    tables = markdown_tables(text)
+    samples = tables["s / digits", "Samples, ranked by fid_prior ↓"]
+    assert [(row["rank"], row["variant"]) for row in samples] == [("1", "wae_mmd"), ("2", "vae"), ("3", "ae")]
+    best = cell(samples[0]["fid_prior ↓"])
+    assert best.mean == 16 and best.n == 3 and best.ci == pytest.approx(stats.t.ppf(0.975, 2) / math.sqrt(3), 3e-3)
+    assert (samples[1]["diverged"], samples[1]["failed"]) == ("1", "0")  # one diverged run counted, not averaged
+    assert cell(samples[1]["fid_prior ↓"]).n == 3
+    likelihood = tables["s / digits",
+                        "Likelihood, ranked by elbo (encoder's q) ↑ (elbo_expost where it is missing)"]
+    assert [row["variant"] for row in likelihood] == ["vae", "wae_mmd", "ae"]
+    ae = likelihood[2]
+    assert cell(ae["elbo_expost (ex-post q) ↑"]).mean == -119 and ae["elbo (encoder's q) ↑"] == "–"
     with open(tmp_path / "leaderboard.csv") as f:
         rows = list(csv.DictReader(f))
     fid = next(r for r in rows if r["variant"] == "vae" and r["metric"] == "fid_prior")
@@ -265,7 +274,8 @@ def test_leaderboard_skips_plots_it_has_no_data_for(tmp_path):
     (tmp_path / "samples.png").write_bytes(b"stale")
     leaderboard_main([str(tmp_path)])
     assert not any((tmp_path / n).exists() for n in ("fid_vs_elbo.png", "gaussianity.png", "samples.png"))
-    assert "### Likelihood, ranked by elbo (encoder's q) ↑" in (tmp_path / "leaderboard.md").read_text()
+    tables = markdown_tables((tmp_path / "leaderboard.md").read_text())
+    assert list(tables) == [("s / digits", "Likelihood, ranked by elbo (encoder's q) ↑")]
 
 
 def _references(path: Path, protocol: dict, unsure=()):
@@ -286,16 +296,14 @@ def test_reference_compared_only_where_the_protocol_matches(tmp_path):
     records += [record("ae", 0, study="same", fid_prior=50.0)]
     write_all(tmp_path, records)
     _references(tmp_path / "references.yaml", ref)
-    text = leaderboard_main([str(tmp_path)]).read_text()
-    section = text.split("## Reproduction of published values")[1]
-    same = next(line for line in section.splitlines() if line.startswith("| same | VAE"))
-    other = next(line for line in section.splitlines() if line.startswith("| other | VAE"))
-    assert "20.5 ± " in same and "| 18 | 2.5 |" in same
-    assert "latent_dim 16 vs reference 8" in other and "30" not in other.split("|")[5]
-    assert "| – | 18 | – |" in other
-    ae = next(line for line in section.splitlines() if "AE (ae)" in line)
-    assert "not in the table" in ae
-    assert "no runs" in next(line for line in section.splitlines() if "RAE (rae)" in line)
+    tables = markdown_tables(leaderboard_main([str(tmp_path)]).read_text())
+    rows = {(row["study"], row["variant"]): row for row in tables["Reproduction of published values",]}
+    same, other = rows["same", "VAE (vae)"], rows["other", "VAE (vae)"]
+    assert cell(same["measured"]).mean == 20.5 and (same["reference"], same["difference"]) == ("18", "2.5")
+    assert (other["measured"], other["reference"], other["difference"]) == ("–", "18", "–")
+    assert "latent_dim 16 vs reference 8" in other["note"]
+    assert "not in the table" in rows["same", "AE (ae)"]["note"]
+    assert "no runs" in next(row["note"] for key, row in rows.items() if key[1] == "RAE (rae)")
 
 
 def test_reproduction_rows_report_missing_and_unsure_fields(tmp_path):
@@ -373,9 +381,11 @@ def test_a_users_rows_rank_beside_another_folders_with_the_protocol_fields_that_
     assert [(r.source, r.group.variant, r.group.stats["nll_iw"].mean) for r in rows] == [
         ("results: quick", "vae", 28.5), ("yours", "vae", 30.5), ("results: quick", "ae", 40.5)]
     assert [r.differs for r in rows] == [[], None, ["epochs 50 vs 5"]]
-    md = write_leaderboard(mine, beside=[committed]).read_text()
-    assert "### quick / digits, beside " + str(committed) in md
-    assert md.count("| yours | **vae** |") == 1 and "epochs 50 vs 5" in md
+    tables = markdown_tables(write_leaderboard(mine, beside=[committed]).read_text())
+    beside = tables["Beside other results", f"quick / digits, beside {committed}"]
+    assert [(row["from"], row["variant"], row["protocol vs yours"]) for row in beside] == [
+        (f"{committed}: quick", "vae", "same"), ("yours", "**vae**", ""),
+        (f"{committed}: quick", "ae", "epochs 50 vs 5")]
     # a user's folder with nothing beside it on its datasets says so; a missing folder is bad input
     other = tmp_path / "other"
     write_all(other, [record("vae", 0, study="x", dataset="cifar", nll_iw=1.0)])

@@ -1,7 +1,6 @@
 """Invariants of KID and precision/recall (benchmark.metrics.sample_quality) on synthetic features."""
 
 import os
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +11,7 @@ import torch.multiprocessing as mp
 
 from benchmark.metrics import fid
 from benchmark.metrics import sample_quality as sq
+from helpers import free_port
 from conftest import FlattenFeatures
 
 
@@ -164,9 +164,7 @@ def test_two_processes_give_the_single_process_values(tmp_path):
     single = _metric(real)
     single.update(fake[:, :, None, None], torch.arange(301))
     expected = single.compute()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     start_method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
     mp.start_processes(_on_rank, args=(2, port, real, fake, tmp_path), nprocs=2, start_method=start_method)
     for r in range(2):

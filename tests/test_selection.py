@@ -12,6 +12,7 @@ from benchmark.metrics import keys as K
 from benchmark.leaderboard import write_leaderboard
 from benchmark.records import write_record
 from benchmark.selection import CRITERIA, UNTUNED, at_edge, cell_of, select, setting_label, tuned_view, views
+from helpers import cell, markdown_tables
 
 WEIGHTS = (1.0, 10.0, 100.0)
 CONFIGURED = 10.0
@@ -104,18 +105,21 @@ def test_the_leaderboard_of_a_swept_study_shows_the_selection_the_tuned_and_untu
     for r in records:
         write_record(tmp_path / "runs" / r["study"] / f"{r['run']}.json", r)
     text = write_leaderboard(tmp_path).read_text()
-    selection = text.split("## Selection on the validation split")[1].split("\n## ")[0]
-    row = next(line for line in selection.splitlines() if line.startswith("| wae_mmd | weight=100 |"))
-    assert row.rstrip(" |").endswith("likelihood (at the sweep's end)")  # 100 is the largest weight swept
-    row = next(line for line in selection.splitlines() if line.startswith("| wae_mmd | weight=10 |"))
-    assert row.rstrip(" |").endswith("untuned")
-    heading = f"## s / mnist_binary / 30 epochs — {tuned_view('likelihood')}"
-    assert heading in text
-    tuned = text.split(heading)[1].split("\n## ")[0]
-    assert "| wae_mmd (weight=100) |" in tuned and "weight=1 |" not in tuned and "### Samples" not in tuned
-    assert f"## s / mnist_binary / 10 epochs — {UNTUNED}" in text
-    assert "## Rankings across budgets and tuning" in text and "](budgets.png)" in text
-    assert (tmp_path / "budgets.png").stat().st_size > 1000
+    tables = markdown_tables(text)
+    selection = {(row["variant"], row["setting"]): row
+                 for row in tables["Selection on the validation split", "s / mnist_binary / 10 epochs"]}
+    assert selection["wae_mmd", "weight=100"]["chosen for"] == "likelihood (at the sweep's end)"  # the largest
+    assert selection["wae_mmd", "weight=10"]["chosen for"] == "untuned"
+    assert cell(selection["wae_mmd", "weight=1"]["validation elbo_posthoc ↑"]).mean == -99
+    tuned = [path for path in tables if path[0] == f"s / mnist_binary / 30 epochs — {tuned_view('likelihood')}"]
+    assert [path[1] for path in tuned] == ["Likelihood, ranked by nll_iw ↓"]  # no Samples table in this view
+    assert [row["variant"] for row in tables[tuned[0]]] == ["vae", "wae_mmd (weight=100)"]
+    assert [row["variant"] for row in tables[f"s / mnist_binary / 10 epochs — {UNTUNED}",
+                                              "Likelihood, ranked by nll_iw ↓"]] == ["vae", "wae_mmd (weight=10)"]
+    ranks = tables["Rankings across budgets and tuning", "s / mnist_binary: rank by nll_iw ↓"]
+    assert [(row["variant"], row["10 epochs tuned"], row["30 epochs untuned"]) for row in ranks] == [
+        ("vae", "1", "1"), ("wae_mmd", "2", "2")]
+    assert "](budgets.png)" in text and (tmp_path / "budgets.png").stat().st_size > 1000
     with open(tmp_path / "leaderboard.csv") as f:
         rows = list(csv.DictReader(f))
     val = [r for r in rows if r["metric"] == f"val/{K.ELBO_POSTHOC}" and r["view"] == "all settings"
@@ -162,10 +166,10 @@ def test_a_budget_still_missing_a_setting_is_undecided_and_settings_are_compared
     text = write_leaderboard(tmp_path).read_text()
     assert "undecided" not in text
     write_record(tmp_path / "runs" / "s" / "extra.json", {**run("wae_mmd", 0, 1.0, budget=30), "run": "extra"})
-    text = write_leaderboard(tmp_path).read_text()
-    at_30 = text.split("### s / mnist_binary / 30 epochs")[1].split("\n## ")[0]
-    row = next(line for line in at_30.splitlines() if line.startswith("| wae_mmd | weight=1 |"))
-    assert row.rstrip(" |").endswith("undecided: settings still to run")  # weights 10 and 100 yet to run
+    at_30 = markdown_tables(write_leaderboard(tmp_path).read_text())[
+        "Selection on the validation split", "s / mnist_binary / 30 epochs"]
+    row = next(row for row in at_30 if (row["variant"], row["setting"]) == ("wae_mmd", "weight=1"))
+    assert row["chosen for"] == "undecided: settings still to run"  # weights 10 and 100 yet to run
 
 
 def test_a_choice_at_either_end_of_a_numeric_sweep_is_flagged():

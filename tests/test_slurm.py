@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,15 +18,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from benchmark.cli import run_main
 from benchmark.records import read_record
-
-REPO = Path(__file__).resolve().parents[1]
-CONFIGS = REPO / "configs"
-TESTS = Path(__file__).resolve().parent
-EVALUATION = {"iw_samples": 5, "fid_samples": 0, "max_codes": 100, "expost_epochs": 1, "gmm_components": 2}
+from helpers import CONFIGS, REPO, TESTS, console_script, free_port, progress_lines, write_study
 
 
 def _sinfo() -> str | None:
@@ -46,28 +40,10 @@ def _sinfo() -> str | None:
 slurm = pytest.mark.skipif(_sinfo() is not None, reason=_sinfo() or "")
 
 
-def console_script() -> list[str]:
-    script = Path(sys.executable).with_name("latent-bench")
-    return [str(script)] if script.is_file() else [sys.executable, "-m", "benchmark.cli"]
-
-
 def env(**extra) -> dict:
     out = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{TESTS}{os.pathsep}{REPO}", **extra}
     out.pop("MASTER_ADDR", None)
     return out
-
-
-def write_study(folder: Path, name: str, variants: list[str], epochs: int, batches: int) -> Path:
-    path = folder / f"{name}.yaml"
-    path.write_text(yaml.safe_dump({
-        "name": name, "trainer": "cpu", "datasets": ["digits_binary"], "variants": variants, "seeds": [0],
-        "evaluation": EVALUATION, "overrides": {"trainer.max_epochs": epochs, "trainer.limit_train_batches": batches,
-                                                "trainer.enable_progress_bar": False}}))
-    return path
-
-
-def progress_lines(out: str) -> list[str]:
-    return [line for line in out.splitlines() if line.startswith("[") and "| done " in line]
 
 
 @slurm
@@ -147,12 +123,6 @@ def test_a_two_node_fit_through_srun_ends_with_equal_weights_on_both_ranks(tmp_p
                           cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_equal_trained_weights(tmp_path)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_a_two_node_fit_through_two_torchrun_launchers_ends_with_equal_weights(tmp_path):

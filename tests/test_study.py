@@ -10,6 +10,7 @@ each of those pays ~8-10 s of imports.
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
 import math
 import os
@@ -29,31 +30,14 @@ from benchmark import executors
 from benchmark import study as study_mod
 from benchmark.cli import run_main
 from benchmark.records import RunRecord, read_record
+from helpers import CONFIGS, DATASET, EVALUATION, REPO, markdown_tables, progress_lines, write_study
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIGS = REPO / "configs"
-DATASET = "digits_binary"
 BATCH_SIZE = 64  # configs/data/digits_binary.yaml
-EVALUATION = {"iw_samples": 5, "fid_samples": 0, "max_codes": 100, "expost_epochs": 1, "gmm_components": 2}
 RECORD_FIELDS = {f.name for f in fields(RunRecord)}
 WANDB = [str(REPO / ".venv" / "bin" / "wandb")] if (REPO / ".venv" / "bin" / "wandb").is_file() else \
     [sys.executable, "-m", "wandb"]
-
-
-def write_study(folder: Path, name: str, variants: list[str], seeds: list[int], epochs: int = 2,
-                batches: int = 3, variant_overrides: dict | None = None) -> Path:
-    study = {"name": name, "configs": str(CONFIGS), "trainer": "cpu", "datasets": [DATASET], "variants": variants,
-             "seeds": seeds, "evaluation": EVALUATION,
-             "overrides": {"trainer.max_epochs": epochs, "trainer.limit_train_batches": batches,
-                           "trainer.enable_progress_bar": False}}
-    if variant_overrides:
-        study["variant_overrides"] = variant_overrides
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(study))
-    return path
 
 
 def run_study(path: Path, results: Path, work: Path, *extra: str) -> int:
@@ -66,10 +50,6 @@ def run_name(variant: str, seed: int) -> str:
 
 def records_of(results: Path, study: str) -> dict[str, dict]:
     return {p.stem: read_record(p) for p in sorted((results / "runs" / study).glob("*.json"))}
-
-
-def progress_lines(out: str) -> list[str]:
-    return [line for line in out.splitlines() if line.startswith("[") and "| done " in line]
 
 
 def subprocess_env() -> dict:
@@ -129,12 +109,16 @@ def test_a_study_writes_one_finished_self_describing_record_per_run_and_the_lead
         assert r["protocol"]["epochs"] == EPOCHS and r["protocol"]["image_size"] == 8
         assert (results / "runs" / "tiny" / r["samples"]).is_file()
     assert {r["protocol"]["nll_iw_proposal"] for r in records.values()} == {"posthoc"}
-    md, csv_text = (results / "leaderboard.md").read_text(), (results / "leaderboard.csv").read_text()
-    assert "## tiny / digits_binary" in md
-    assert "## Paired differences to vae" in md and "| no_info |" in md.split("## Paired differences")[1]
-    for variant in VARIANTS:
-        assert f"| {variant} |" in md
-        assert f"tiny,digits_binary,{variant},elbo_posthoc," in csv_text
+    tables = markdown_tables((results / "leaderboard.md").read_text())
+    likelihood = next(rows for path, rows in tables.items() if path[0] == "tiny / digits_binary"
+                      and path[1].startswith("Likelihood"))
+    assert sorted(row["variant"] for row in likelihood) == sorted(VARIANTS)
+    assert [row["rank"] for row in likelihood] == [str(i + 1) for i in range(len(VARIANTS))]
+    paired = tables["Paired differences to vae", "tiny / digits_binary"]
+    assert sorted(row["variant"] for row in paired) == sorted(set(VARIANTS) - {"vae"})
+    with open(results / "leaderboard.csv") as f:
+        posthoc = {r["variant"]: r for r in csv.DictReader(f) if r["metric"] == "elbo_posthoc"}
+    assert set(posthoc) == set(VARIANTS) and all(int(r["n"]) == len(SEEDS) for r in posthoc.values())
 
 
 def test_a_second_invocation_skips_every_finished_run_without_retraining(finished_study, capsys):
@@ -225,8 +209,9 @@ def test_diverged_runs_are_recorded_as_diverged_and_the_study_goes_on(tmp_path, 
     assert any(run_name("no_info", 0) + ": finished" in line for line in lines), lines
     assert records[run_name("vae", 0)]["reason"].startswith("training loss is nan")
     assert records[run_name("ae", 0)]["reason"].startswith("training loss is nan")
-    rows = [line for line in (results / "leaderboard.md").read_text().splitlines() if line.startswith("| ")]
-    assert any("| vae |" in row and row.endswith("| 1 | 0 |") for row in rows), rows  # 1 diverged, 0 failed
+    tables = markdown_tables((results / "leaderboard.md").read_text())
+    vae = [row for rows in tables.values() for row in rows if row.get("variant") == "vae" and "diverged" in row]
+    assert vae and all((row["diverged"], row["failed"]) == ("1", "0") for row in vae), vae
     summary = inspect_summary(offline_run(work / "diverge" / run_name("vae", 0)))
     assert summary["summary"]["status"] == "diverged"
     assert not any(k.startswith("final/") for k in summary["summary"])

@@ -12,17 +12,12 @@ import pytest
 
 from benchmark import tracking
 from benchmark.records import read_record
+from helpers import free_port
 from test_study import offline_run, progress_lines, run_study, write_study
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 KEY = "k" * 40  # any 40 characters: wandb checks the key's form before it talks to the server
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -52,7 +47,7 @@ def silent_server():
 
 
 def test_a_closed_port_is_unreachable_and_a_listening_one_is_not(monkeypatch, silent_server):
-    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{closed_port()}")
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{free_port()}")
     why = tracking.unreachable()
     assert why is not None and "127.0.0.1" in why and "unreachable" in why
     assert tracking.resolve("online") == ("offline", why)
@@ -62,7 +57,7 @@ def test_a_closed_port_is_unreachable_and_a_listening_one_is_not(monkeypatch, si
 
 
 def test_with_the_server_unreachable_a_study_logs_offline_and_says_so_once(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{closed_port()}")
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{free_port()}")
     monkeypatch.setenv("WANDB_API_KEY", KEY)
     monkeypatch.delenv("WANDB_MODE", raising=False)
     path = write_study(tmp_path, "cut_off", ["no_info"], [0])
