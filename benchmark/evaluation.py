@@ -225,11 +225,9 @@ def evaluate(model: LatentVariableModel, datamodule, cfg: EvaluationConfig, make
     extractor = reference = features = gmm = None
     if cfg.fid_samples > 0:
         name = datamodule.hparams.dataset
-        if cfg.fid_extractor == "domain":
-            extractor = build_feature_extractor("domain", dataset=name, train_images=x_train, train_labels=y_train,
-                                                cache_dir=cfg.cache_dir)
-        else:
-            extractor = build_feature_extractor(cfg.fid_extractor, weights_path=cfg.inception_weights)
+        extractor = build_feature_extractor(cfg.fid_extractor, dataset=name, train_images=x_train,
+                                            train_labels=y_train, cache_dir=cfg.cache_dir,
+                                            weights_path=cfg.inception_weights)
         reference = reference_statistics(name, datamodule.grey["test"][0], extractor, cache_dir=cfg.cache_dir)
         features = reference_features(name, datamodule.grey["test"][0], extractor, cache_dir=cfg.cache_dir)
         lap("fid_reference_s")

@@ -21,6 +21,8 @@ import torch
 from benchmark.callbacks import Diverged, DivergenceGuard, ImageCount, RNGState
 from benchmark.errors import UsageError, failure_reason
 from benchmark.evaluation import check_extractor, evaluate
+from benchmark.records import (DIVERGED, FAILED, FINISHED, FinishedRecordError, RunRecord, code_version, environment,
+                               read_record, write_json, write_record)
 from benchmark.spec import EvaluationConfig, RunSpec
 
 
@@ -61,8 +63,6 @@ def train_and_evaluate(spec: RunSpec) -> dict:
     """Train (or resume) and evaluate one run; write and return its record. Never raises for a run that
     fails or diverges: that is recorded as such, so a study goes on."""
     from benchmark.lightning_cli import build_cli
-    from benchmark.records import DIVERGED, FAILED, FINISHED, RunRecord, code_version, environment, read_record, \
-        write_json, write_record
 
     try:
         previous = read_record(spec.record_path) if spec.record_path.exists() else None
@@ -138,8 +138,6 @@ def train_and_evaluate(spec: RunSpec) -> dict:
 def record_failure(spec: RunSpec, reason: str) -> dict:
     """The record of a run whose process died before it wrote one (a killed worker, a cancelled cluster job),
     so that the leaderboard counts it and a rerun trains it; a finished record is left as it is."""
-    from benchmark.records import FAILED, FinishedRecordError, RunRecord, write_record
-
     record = RunRecord.of(spec, status=FAILED, reason=reason).as_dict()
     try:
         write_record(spec.record_path, record)
@@ -254,8 +252,6 @@ def evaluate_checkpoint(ckpt: str | Path, cfg: EvaluationConfig, output: str | P
     ``{metrics, validation, protocol, timings}``. Run records are never rewritten; ``output`` names a new JSON
     file for the result."""
     import lightning as L
-
-    from benchmark.records import FINISHED, write_record
 
     ckpt = Path(ckpt)
     model, data = load_checkpoint(ckpt)

@@ -221,7 +221,11 @@ FEATURE_EXTRACTORS: dict[str, Callable[..., FeatureExtractor]] = {}
 
 
 def register_feature_extractor(name: str) -> Callable:
-    """Register a builder of a `FeatureExtractor` under a user-facing name; a duplicate name is an error."""
+    """Register a builder of a `FeatureExtractor` under a user-facing name; a duplicate name is an error.
+
+    A run's evaluation calls every builder with the same keywords, the run's context (``dataset``,
+    ``train_images``, ``train_labels``, ``cache_dir``, ``weights_path``); a builder takes what it needs and
+    ignores the rest (``**_``)."""
 
     def register(builder: Callable[..., FeatureExtractor]) -> Callable[..., FeatureExtractor]:
         if name in FEATURE_EXTRACTORS:
@@ -243,7 +247,7 @@ def build_feature_extractor(name: str, **kwargs) -> FeatureExtractor:
 
 
 @register_feature_extractor("inception")
-def inception_feature_extractor(weights_path: str | Path | None = None) -> FeatureExtractor:
+def inception_feature_extractor(weights_path: str | Path | None = None, **_) -> FeatureExtractor:
     """Inception-v3 pool3 features: a `.pt` TorchScript file, else torch-fidelity (a `.pth` or a download)."""
     if weights_path is not None and Path(weights_path).suffix == ".pt":
         return TorchScriptInceptionV3(weights_path)
@@ -315,7 +319,7 @@ def _train_domain_classifier(images: Tensor, labels: Tensor, *, epochs: int, min
 def domain_feature_extractor(dataset: str, train_images: Tensor, train_labels: Tensor, *,
                              cache_dir: str | Path | None = None, epochs: int = 3, min_steps: int = 1000,
                              batch_size: int = 128, val_fraction: float = 0.1, seed: int = 0,
-                             augment: str = "none", normalize: bool = True) -> DomainFeatureExtractor:
+                             augment: str = "none", normalize: bool = True, **_) -> DomainFeatureExtractor:
     """A `DomainClassifier` trained once on (train_images, train_labels) and cached by (dataset, checksum).
 
     The checksum covers the data and the training recipe, so a change of either trains a new network.
