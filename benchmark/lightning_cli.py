@@ -40,15 +40,15 @@ class LatentBenchCLI(LightningCLI):
 
 def check_compatible(model: LatentVariableModel, data: LatentDataModule):
     """Fail before training when the likelihood cannot model the data."""
-    name, discrete = model.hparams.likelihood, model.likelihood.discrete
-    if name == "bernoulli" and not data.binary:
-        raise UsageError("the Bernoulli likelihood needs binary data but data.binarize is none; "
+    name, discrete, binary = model.hparams.likelihood, model.likelihood.discrete, model.likelihood.binary
+    if binary and not data.binary:
+        raise UsageError(f"the {name} likelihood needs binary data but data.binarize is none; "
                          "set data.binarize to dynamic or static, or use model.init_args.likelihood "
                          "discretized_gaussian")
     if discrete and data.hparams.dequantize:
         raise UsageError(f"the {name} likelihood is a probability of grid pixels but data.dequantize is true; "
                          "set data.dequantize false, or use model.init_args.likelihood gaussian")
-    if discrete and name != "bernoulli" and model.hparams.levels != data.levels:
+    if discrete and not binary and model.hparams.levels != data.levels:
         raise UsageError(f"the {name} likelihood has {model.hparams.levels} levels but the data has "
                          f"{data.levels}; drop model.init_args.levels (it is linked from the data)")
 

@@ -43,9 +43,11 @@ def on_grid(x: Tensor, levels: int, atol: float = 1e-4) -> bool:
 
 class Likelihood(nn.Module):
     """A head: decoder output -> p(x|z) over the image event. ``discrete``: its ``log_prob`` is a
-    log-probability of the grid values (else a density). ``build`` takes the model's likelihood arguments."""
+    log-probability of the grid values (else a density); ``binary``: of {0, 1} pixels only. ``build`` takes
+    the model's likelihood arguments."""
 
     discrete: bool = False
+    binary: bool = False
 
     @classmethod
     def build(cls, sigma: float, learn_sigma: bool, levels: int) -> "Likelihood":
@@ -59,7 +61,7 @@ class Likelihood(nn.Module):
 class BernoulliLikelihood(Likelihood):
     """Independent Bernoulli pixels, parametrised by logits: for binarised data."""
 
-    discrete = True
+    discrete = binary = True
 
     def forward(self, logits: Tensor) -> Distribution:
         return Independent(Bernoulli(logits=logits, validate_args=False), 3)

@@ -61,7 +61,7 @@ BAD_FIT = {  # case: (extra arguments, words the error line must contain)
     "missing data file": (["--data.dataset", "mnist", "--data.path", "{inputs}/absent.pkl.gz"],
                           ["absent.pkl.gz", "does not exist"]),
     "corrupt data file": (["--data.dataset", "mnist", "--data.path", "{inputs}/mnist.pkl.gz"], ["sha256"]),
-    "bernoulli on continuous data": (["--model.init_args.likelihood", "bernoulli"], ["Bernoulli", "binarize"]),
+    "bernoulli on continuous data": (["--model.init_args.likelihood", "bernoulli"], ["bernoulli likelihood", "binarize"]),
     "unknown YAML field": (["--config", "{inputs}/typo.yaml"], ["datset"]),
 }
 
@@ -134,7 +134,7 @@ def test_console_script_reports_bad_input_on_exactly_one_stderr_line(tmp_path):
     proc = subprocess.run(console_script() + FIT + ["--model.init_args.likelihood", "bernoulli"], cwd=tmp_path,
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr
-    assert_one_error_line(proc.stderr, "Bernoulli")
+    assert_one_error_line(proc.stderr, "bernoulli likelihood")
     assert files_under(tmp_path) == []
 
 
