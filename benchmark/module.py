@@ -9,7 +9,7 @@ the objective is ``distortion + weight * regularizer`` (+ a decoder regulariser,
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import lightning as L
 import torch
@@ -61,6 +61,8 @@ class LatentVariableModel(L.LightningModule):
         levels: pixel values of the data; the CLI links it from the DataModule.
         weight: the regulariser's weight in the objective (beta for the VAE, lambda for the WAE, ...).
         lr: Adam's learning rate.
+        lr_plateau: ``ReduceLROnPlateau``'s arguments (e.g. ``{factor: 0.5, patience: 5}``, Ghosh et al. 2020's
+            schedule) to cut the rate when the validation objective stops falling; None keeps it constant.
         compile: ``torch.compile`` the encoder and decoder (in place, so checkpoints load either way). For
             GPUs, where these small networks are launch-bound; on a CPU it is slower (results/performance.md).
     """
@@ -68,7 +70,7 @@ class LatentVariableModel(L.LightningModule):
     def __init__(self, data_shape: Sequence[int] = (1, 28, 28), latent_dim: int = 16, network: str = "mlp",
                  hidden: Sequence[int] = (500, 500), likelihood: str = "bernoulli", sigma: float = 1.0,
                  learn_sigma: bool = False, levels: int = 256, weight: float = 1.0, lr: float = 1e-3,
-                 compile: bool = False):
+                 lr_plateau: Optional[dict] = None, compile: bool = False):
         super().__init__()
         if latent_dim < 1:
             raise UsageError(f"latent_dim must be a positive integer, got {latent_dim}")
@@ -174,7 +176,15 @@ class LatentVariableModel(L.LightningModule):
     def configure_optimizers(self):
         # fused: one kernel per step for all parameters; on a CPU the per-tensor loop took 4.5-5 ms of a
         # 20 ms MLP step, the fused step 1.6-2 ms. Same update up to float rounding.
-        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr, fused=True)
+        return self.scheduled(torch.optim.Adam(self.parameters(), lr=self.hparams.lr, fused=True))
+
+    def scheduled(self, optimizer: torch.optim.Optimizer):
+        """``optimizer`` with the ``lr_plateau`` schedule on the validation objective, where one is set."""
+        if not self.hparams.get("lr_plateau"):
+            return optimizer
+        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", **self.hparams.lr_plateau)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": plateau, "monitor": "val/loss",
+                                                          "interval": "epoch"}}
 
     def on_save_checkpoint(self, checkpoint):
         checkpoint["variant_class"] = f"{type(self).__module__}.{type(self).__qualname__}"

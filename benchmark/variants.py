@@ -112,7 +112,7 @@ class RAE(LatentVariableModel):
         in_dec = {id(p) for p in dec}
         groups = [{"params": [p for p in self.parameters() if id(p) not in in_dec]},
                   {"params": dec, "weight_decay": self.hparams.decoder_weight}]
-        return torch.optim.Adam(groups, lr=self.hparams.lr, fused=True)
+        return self.scheduled(torch.optim.Adam(groups, lr=self.hparams.lr, fused=True))
 
 
 class KLRegularized(LatentVariableModel):

@@ -297,3 +297,22 @@ def test_the_rae_optimizer_state_of_a_checkpoint_fits_a_new_process_model(x):
     again.zero_grad()
     resumed.objective(x)[0].backward()
     again.step()
+
+
+@pytest.mark.parametrize("name, extra", [("vae", {}), ("rae", {"decoder_reg": "l2"})])
+def test_the_plateau_schedule_cuts_the_rate_when_the_validation_objective_stops_falling(name, extra, x):
+    """``lr_plateau`` hands Lightning a ReduceLROnPlateau on ``val/loss``; a threshold no epoch can beat makes
+    every epoch after the first a plateau, so with patience 0 the rate halves at the end of each of them."""
+    import lightning as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    plateau = {"factor": 0.5, "patience": 0, "threshold": 1e9, "threshold_mode": "abs"}
+    model = make(name, lr=1e-3, lr_plateau=plateau, **extra)
+    loader = DataLoader(TensorDataset(x, torch.zeros(len(x)), torch.arange(len(x))), batch_size=16)
+    trainer = L.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, loader, loader)
+    (config,) = trainer.lr_scheduler_configs
+    assert config.monitor == "val/loss" and config.interval == "epoch"
+    assert [g["lr"] for g in trainer.optimizers[0].param_groups] == [2.5e-4] * len(trainer.optimizers[0].param_groups)
+    assert make(name, **extra).configure_optimizers().__class__ is torch.optim.Adam  # no schedule by default
