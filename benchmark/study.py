@@ -3,7 +3,7 @@
 A study YAML names configs by key::
 
     name: quick
-    trainer: cpu                        # configs/trainer/cpu.yaml
+    trainer: auto                       # configs/trainer/auto.yaml (the default): a GPU where there is one
     datasets: [digits]                  # configs/data/<key>.yaml
     variants: [ae, vae, no_info]        # configs/model/<key>.yaml
     seeds: [0, 1]
@@ -197,7 +197,7 @@ def expand(study: dict, results_dir="results", work_dir="runs", wandb="offline",
         raise UsageError(f"--set {BUDGET_KEY} on a study with budgets {budgets}: choose budgets with "
                          f"--budgets, or drop the study's 'budgets'")
     configs = config_folders(study.get("configs"))
-    trainer = _keyed(configs, "trainer", study.get("trainer", "cpu"))
+    trainer = _keyed(configs, "trainer", study.get("trainer", "auto"))
     grid = []  # (dataset, variant, config files, overrides of the run, setting, default setting, data seed set)
     for dataset in study["datasets"]:
         data = _keyed(configs, "data", dataset)

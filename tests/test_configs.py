@@ -295,3 +295,29 @@ def test_the_rae_table_study_runs_every_model_at_its_authors_settings_at_a_tiny_
     rae = gmm["RAE-L2 (rae)"]
     assert (rae["study"], rae["reference"], rae["measured"]) == ("repro_rae_fid", "8.69", "–")  # no FID here
     assert "epochs 2 vs reference 100" in rae["note"]  # a dry run is never compared with the paper
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The default trainer uses the hardware there is
+# ------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("gpus", [0, 1])
+def test_the_default_trainer_trains_on_a_gpu_where_one_is_visible_and_on_the_cpu_elsewhere(gpus, monkeypatch):
+    """configs/trainer/auto.yaml (a study's trainer when it names none, and the GPU-sized studies') resolves
+    to CUDA when the process sees a GPU, as each worker slot of ``--devices auto`` does, and to the CPU
+    otherwise. The GPU count is mocked: no GPU is needed."""
+    from lightning.pytorch.accelerators import CPUAccelerator, CUDAAccelerator
+
+    from benchmark.study import expand
+
+    monkeypatch.setattr(CUDAAccelerator, "is_available", staticmethod(lambda: gpus > 0))
+    monkeypatch.setattr("lightning.fabric.accelerators.cuda.num_cuda_devices", lambda: gpus)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    cli = build_cli(["--config", str(CONFIGS / "trainer" / "auto.yaml"), "--config", str(CONFIGS / "model" / "vae.yaml"),
+                     "--config", str(CONFIGS / "data" / "digits.yaml")], run=False, save_config_callback=None)
+    assert type(cli.trainer.accelerator) is (CUDAAccelerator if gpus else CPUAccelerator)
+    study = {"name": "s", "configs": str(CONFIGS), "datasets": ["digits"], "variants": ["vae"], "seeds": [0]}
+    (spec,) = expand(study, results_dir="r", work_dir="w", wandb="disabled")
+    assert Path(spec.config_files[0]) == CONFIGS / "trainer" / "auto.yaml"  # a study that names no trainer
+    for name in ("question_mnist_gpu", "question_mnist_continuous_gpu", "repro_rae_fid", "repro_pythae_vae", "quick"):
+        assert load_study(CONFIGS / "studies" / f"{name}.yaml")["trainer"] == "auto", name

@@ -25,7 +25,7 @@ start=$(date +%s)
 python3 -m benchmark.perf.device_pack --unpack .device --to /tmp/device 2>&1 | grep -v -i warn | tee "$OUT/study.log"
 timeout "$STUDY_TIMEOUT" python3 -m benchmark.cli run configs/studies/repro_rae_fid.yaml --devices auto \
   --per-device "$PER_DEVICE" --wandb disabled --results "$OUT/results" --work-dir /tmp/gpu-runs \
-  --set trainer.accelerator=gpu --set data.path=/tmp/device --set "trainer.max_epochs=$EPOCHS" \
+  --set data.path=/tmp/device --set "trainer.max_epochs=$EPOCHS" \
   --set "trainer.precision=$PRECISION" --set evaluation.inception_weights=/tmp/device/inception.pt \
   2>&1 | grep -v -i warn | tee -a "$OUT/study.log"
 echo "wall time: $(( $(date +%s) - start )) s ($PER_DEVICE runs per GPU, $EPOCHS epochs, precision $PRECISION)" \
