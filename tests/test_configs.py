@@ -2,7 +2,7 @@
 
 Model YAMLs run on the embedded digits; the MNIST data YAMLs on ../shared's mnist.pkl.gz (skipped where it is
 absent). Datasets that need a download (CIFAR-10, Fashion-MNIST, CelebA) are instantiated, not loaded.
-``trainer/gpu.yaml`` is parsed only (no GPU here; instantiated too where one is). ``trainer/ddp_cpu.yaml`` is
+``trainer/gpu.yaml`` is parsed only (no GPU here; instantiated too where one is); ``trainer/auto.yaml`` is built with the GPU count mocked both ways. ``trainer/ddp_cpu.yaml`` is
 instantiated but not run: a 2-process ``ddp_spawn`` fit costs a fresh Lightning import a rank, and the
 two-process runs live in the metric tests.
 """
@@ -59,7 +59,7 @@ def fit_a_few_steps(argv: list[str]):
 def test_the_lists_cover_every_yaml():
     data = {p.stem for p in (CONFIGS / "data").glob("*.yaml")}
     assert data == set(DOWNLOADED) | set(MNIST_DATA) | set(DIGITS_DATA)
-    assert {p.stem for p in (CONFIGS / "trainer").glob("*.yaml")} == {"cpu", "gpu", "ddp_cpu"}
+    assert {p.stem for p in (CONFIGS / "trainer").glob("*.yaml")} == {"auto", "cpu", "gpu", "ddp_cpu"}
     assert len(MODELS) >= len(VARIANTS)
 
 
