@@ -2,9 +2,9 @@
 
 Model YAMLs run on the embedded digits; the MNIST data YAMLs on ../shared's mnist.pkl.gz (skipped where it is
 absent). Datasets that need a download (CIFAR-10, Fashion-MNIST, CelebA) are instantiated, not loaded.
-``trainer/gpu.yaml`` is parsed only (no GPU here; instantiated too where one is); ``trainer/auto.yaml`` is built with the GPU count mocked both ways. ``trainer/ddp_cpu.yaml`` is
-instantiated but not run: a 2-process ``ddp_spawn`` fit costs a fresh Lightning import a rank, and the
-two-process runs live in the metric tests.
+``trainer/gpu.yaml`` is parsed only (no GPU here; instantiated too where one is); ``trainer/auto.yaml`` is
+built with the GPU count mocked both ways. ``trainer/ddp_cpu.yaml`` is instantiated but not run: a 2-process
+``ddp_spawn`` fit costs a fresh Lightning import a rank, and the two-process runs live in the metric tests.
 """
 
 from __future__ import annotations
