@@ -136,7 +136,10 @@ def lower_triangular(diagonal: Tensor, off: Tensor) -> Tensor:
 
 
 class Posterior(nn.Module):
-    """A head mapping encoder features h (B, n_params(D)) to q(z|x) with event shape (D,)."""
+    """A head mapping encoder features h (B, n_params(D)) to q(z|x) with event shape (D,); a ``stochastic``
+    one's sample is ``reparametrize(q, eps)`` with standard-normal eps (B, D)."""
+
+    stochastic = True
 
     def n_params(self, latent_dim: int) -> int:
         raise NotImplementedError
@@ -150,6 +153,8 @@ class Posterior(nn.Module):
 
 class Deterministic(Posterior):
     """z = f(x): the autoencoder family."""
+
+    stochastic = False
 
     def n_params(self, latent_dim):
         return latent_dim

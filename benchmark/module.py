@@ -98,9 +98,16 @@ class LatentVariableModel(L.LightningModule):
         """The encoder head q(z|x); deterministic unless a variant says otherwise."""
         return Deterministic()
 
-    def regularizer(self, z: Tensor, qz_x: Distribution, x_out: Tensor) -> Tensor:
-        """The variant's penalty on the batch's codes z (B, D), scalar. None for the plain autoencoder."""
+    def regularizer(self, z: Tensor, qz_x: Distribution, x_out: Tensor, noise: tuple[Tensor, ...] = ()) -> Tensor:
+        """The variant's penalty on the batch's codes z (B, D), scalar, given the draws ``regularizer_noise``
+        made for it. None for the plain autoencoder."""
         return z.new_zeros(())
+
+    def regularizer_noise(self, like: Tensor) -> tuple[Tensor, ...]:
+        """The random draws ``regularizer`` uses (prior samples, projection directions) for codes shaped like
+        ``like`` (B, D). Drawn apart from the computation, so that a batch of runs trained as one model
+        (``benchmark.members``) draws each run's from that run's own generator. None by default."""
+        return ()
 
     def decoder_regularizer(self, z: Tensor, x_out: Tensor) -> Tensor:
         """A penalty on the decoder's smoothness (RAE's L_REG), already weighted. None by default."""
@@ -127,14 +134,27 @@ class LatentVariableModel(L.LightningModule):
         return self.decode(z).mean.clamp(0, 1)
 
     # --- the loop -------------------------------------------------------------------------------------
-    def objective(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(loss, distortion, regulariser) of a batch, each a scalar: the objective trained on, and its parts."""
+    def draw_noise(self, x: Tensor) -> tuple[Tensor | None, tuple[Tensor, ...]]:
+        """A step's random draws for the batch x, in the order the step uses them: the posterior's
+        standard-normal eps (B, D) (None for a deterministic head), then the regulariser's."""
+        like = x.new_empty(len(x), self.hparams.latent_dim)
+        eps = torch.randn_like(like) if self.head.stochastic else None
+        return eps, self.regularizer_noise(like)
+
+    def forward(self, x: Tensor, noise: tuple | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """(distortion, regulariser, decoder regulariser) of a batch, each a scalar, with the step's random
+        draws ``noise`` (``draw_noise``; drawn now when None). What a batch of runs maps over."""
+        eps, reg_noise = self.draw_noise(x) if noise is None else noise
         qz_x = self.posterior(x)
-        z = qz_x.rsample()  # (B, D)
+        z = qz_x.rsample() if eps is None else reparametrize(qz_x, eps)  # (B, D)
         x_out = self.decoder(z)
         distortion = -self.likelihood(x_out).log_prob(x).mean()  # nats per image
-        reg = self.regularizer(z, qz_x, x_out)
-        return distortion + self.hparams.weight * reg + self.decoder_regularizer(z, x_out), distortion, reg
+        return distortion, self.regularizer(z, qz_x, x_out, reg_noise), self.decoder_regularizer(z, x_out)
+
+    def objective(self, x: Tensor, noise: tuple | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """(loss, distortion, regulariser) of a batch, each a scalar: the objective trained on, and its parts."""
+        distortion, reg, decoder_reg = self(x, noise)
+        return distortion + self.hparams.weight * reg + decoder_reg, distortion, reg
 
     def _common_step(self, batch, stage: str) -> Tensor:
         x = batch[0]

@@ -47,15 +47,24 @@ def imq_mmd(z: Tensor, z_prior: Tensor, scales=(0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10
     return ((k_qq * off).sum() + (k_pp * off).sum()) / (n * (n - 1)) - 2 * k_qp.mean()
 
 
+def projections(d: int, n_projections: int, generator: torch.Generator | None = None,
+                like: Tensor | None = None) -> Tensor:
+    """(D, L) directions uniform on the unit sphere, on ``like``'s device and dtype."""
+    kw = {} if like is None else {"device": like.device, "dtype": like.dtype}
+    theta = torch.randn(d, n_projections, generator=generator, **kw)
+    return theta / theta.norm(dim=0, keepdim=True)
+
+
 def sliced_wasserstein(z: Tensor, n_projections: int = 50, p: int = 2,
-                       generator: torch.Generator | None = None) -> Tensor:
+                       generator: torch.Generator | None = None, theta: Tensor | None = None) -> Tensor:
     """Sliced p-Wasserstein distance (to the p-th power) between the codes and N(0, I)
     (Kolouri et al. 2019, SWAE, Eq. 9). Projections of N(0, I) on unit directions are N(0, 1), so the
     target's sorted projections are the exact normal quantiles at (i - 1/2) / B instead of prior samples.
-    The directions are uniform on the sphere, drawn from ``generator`` (a seeded one makes a metric of it)."""
+    The directions ``theta`` (D, L) are given, or drawn uniform on the sphere from ``generator`` (a seeded one
+    makes a metric of it)."""
     b, d = z.shape
-    theta = torch.randn(d, n_projections, generator=generator, device=z.device, dtype=z.dtype)
-    theta = theta / theta.norm(dim=0, keepdim=True)
+    if theta is None:
+        theta = projections(d, n_projections, generator, like=z)
     proj = (z @ theta).sort(dim=0).values  # (B, L)
     u = (torch.arange(b, device=z.device, dtype=z.dtype) + 0.5) / b
     quantiles = math.sqrt(2) * torch.erfinv(2 * u - 1)  # (B,)

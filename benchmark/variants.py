@@ -27,7 +27,7 @@ class AEMoments(LatentVariableModel):
     """Deterministic codes whose batch moments are pushed to N(0, I):
     KL(N(mean_B, cov_B) || N(0, I)), the literal proposal "make the empirical distribution of z Gaussian"."""
 
-    def regularizer(self, z, qz_x, x_out):
+    def regularizer(self, z, qz_x, x_out, noise=()):
         return R.moment_kl(z)
 
 
@@ -38,8 +38,12 @@ class WAEMMD(LatentVariableModel):
     def __init__(self, weight: float = 10.0, **kwargs):
         super().__init__(weight=weight, **kwargs)
 
-    def regularizer(self, z, qz_x, x_out):
-        return R.imq_mmd(z, torch.randn_like(z))
+    def regularizer_noise(self, like):
+        return (torch.randn_like(like),)  # prior samples
+
+    def regularizer(self, z, qz_x, x_out, noise=()):
+        (z_prior,) = noise
+        return R.imq_mmd(z, z_prior)
 
 
 class SWAE(LatentVariableModel):
@@ -49,8 +53,12 @@ class SWAE(LatentVariableModel):
     def __init__(self, weight: float = 10.0, n_projections: int = 50, **kwargs):
         super().__init__(weight=weight, **kwargs)
 
-    def regularizer(self, z, qz_x, x_out):
-        return R.sliced_wasserstein(z, self.hparams.n_projections)
+    def regularizer_noise(self, like):
+        return (R.projections(like.shape[-1], self.hparams.n_projections, like=like),)
+
+    def regularizer(self, z, qz_x, x_out, noise=()):
+        (theta,) = noise
+        return R.sliced_wasserstein(z, theta=theta)
 
 
 class AAE(LatentVariableModel):
@@ -65,10 +73,14 @@ class AAE(LatentVariableModel):
         super().__init__(**kwargs)
         self.discriminator = mlp([self.hparams.latent_dim, *disc_hidden, 1])
 
-    def regularizer(self, z, qz_x, x_out):
+    def regularizer_noise(self, like):
+        return (torch.randn_like(like),)  # prior samples, D's real class
+
+    def regularizer(self, z, qz_x, x_out, noise=()):
+        (z_prior,) = noise
         frozen = {k: v.detach() for k, v in self.discriminator.named_parameters()}
         fool = functional_call(self.discriminator, frozen, (z,))
-        real, fake = self.discriminator(torch.randn_like(z)), self.discriminator(z.detach())
+        real, fake = self.discriminator(z_prior), self.discriminator(z.detach())
         bce = F.binary_cross_entropy_with_logits
         return (bce(fool, torch.ones_like(fool))
                 + bce(real, torch.ones_like(real)) + bce(fake, torch.zeros_like(fake)))
@@ -91,7 +103,7 @@ class RAE(LatentVariableModel):
                 if isinstance(m, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):
                     nn.utils.parametrizations.spectral_norm(m)
 
-    def regularizer(self, z, qz_x, x_out):
+    def regularizer(self, z, qz_x, x_out, noise=()):
         return 0.5 * z.pow(2).sum(-1).mean()
 
     def decoder_regularizer(self, z, x_out):
@@ -118,7 +130,7 @@ class RAE(LatentVariableModel):
 class KLRegularized(LatentVariableModel):
     """Stochastic encoders trained on the ELBO: regulariser KL(q(z|x) || N(0, I)) (closed form)."""
 
-    def regularizer(self, z, qz_x, x_out):
+    def regularizer(self, z, qz_x, x_out, noise=()):
         return kl(qz_x, self.prior(z, z.shape[:-1]), z).mean()
 
 

@@ -143,7 +143,7 @@ def test_adversarial_regulariser_trains_each_player_only_on_its_own_term(x):
     m = make("aae")
     q = m.posterior(x)
     z = q.rsample()
-    loss = m.regularizer(z, q, m.decoder(z))
+    loss = m.regularizer(z, q, m.decoder(z), m.regularizer_noise(z))
     loss.backward()
     assert all(p.grad is not None for p in m.discriminator.parameters())
     assert all(p.grad is not None for p in m.encoder.parameters())
@@ -316,3 +316,18 @@ def test_the_plateau_schedule_cuts_the_rate_when_the_validation_objective_stops_
     assert config.monitor == "val/loss" and config.interval == "epoch"
     assert [g["lr"] for g in trainer.optimizers[0].param_groups] == [2.5e-4] * len(trainer.optimizers[0].param_groups)
     assert make(name, **extra).configure_optimizers().__class__ is torch.optim.Adam  # no schedule by default
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_a_step_draws_nothing_but_its_noise(name, x):
+    """Every random draw of a training step is made by ``draw_noise``: given the draws, the objective is a
+    function of the batch, and drawing them first reproduces the step that draws as it goes. Runs trained as
+    one batched model rely on it to give each run its own generator."""
+    m = make(name)
+    torch.manual_seed(3)
+    drawn_inline = m.objective(x)
+    torch.manual_seed(3)
+    noise = m.draw_noise(x)
+    for _ in range(2):
+        assert all(torch.equal(a, b) for a, b in zip(m.objective(x, noise), drawn_inline))
+    assert (noise[0] is None) == (name in DETERMINISTIC)
