@@ -61,8 +61,9 @@ class LatentVariableModel(L.LightningModule):
         levels: pixel values of the data; the CLI links it from the DataModule.
         weight: the regulariser's weight in the objective (beta for the VAE, lambda for the WAE, ...).
         lr: Adam's learning rate.
-        lr_plateau: ``ReduceLROnPlateau``'s arguments (e.g. ``{factor: 0.5, patience: 5}``, Ghosh et al. 2020's
-            schedule) to cut the rate when the validation objective stops falling; None keeps it constant.
+        lr_plateau: ``ReduceLROnPlateau``'s arguments (e.g. ``{factor: 0.5, patience: 4}``: Ghosh et al. 2020's Keras
+            schedule, patience 5 there, where the cut comes one epoch sooner) to cut the rate when the validation
+            objective stops falling; None keeps it constant.
         compile: ``torch.compile`` the encoder and decoder (in place, so checkpoints load either way). For
             GPUs, where these small networks are launch-bound; on a CPU it is slower (results/performance.md).
     """

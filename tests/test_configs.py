@@ -24,6 +24,7 @@ from benchmark.variants import VARIANTS
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+REPO = CONFIGS.parent
 CPU, DIGITS = str(CONFIGS / "trainer" / "cpu.yaml"), str(CONFIGS / "data" / "digits.yaml")
 QUICK = ["--trainer.fast_dev_run", "2", "--trainer.enable_progress_bar", "false"]
 
@@ -321,3 +322,22 @@ def test_the_default_trainer_trains_on_a_gpu_where_one_is_visible_and_on_the_cpu
     assert Path(spec.config_files[0]) == CONFIGS / "trainer" / "auto.yaml"  # a study that names no trainer
     for name in ("question_mnist_gpu", "question_mnist_continuous_gpu", "repro_rae_fid", "repro_pythae_vae", "quick"):
         assert load_study(CONFIGS / "studies" / f"{name}.yaml")["trainer"] == "auto", name
+
+
+@pytest.mark.parametrize("folder", ["results/question/runs/question_mnist", "results/question/runs/latent_2d_mnist",
+                                    "results/runs/repro_flax_vae"])
+def test_the_committed_records_of_a_resumable_study_match_its_current_protocol(folder):
+    """A rerun of these studies into their committed folder resumes the grid: each record's fingerprint is the
+    one its study expands to today. A config edit that changes it (a trainer, a default) fails here, not as a
+    'written by another protocol' refusal in a user's rerun."""
+    import json
+
+    records = sorted((REPO / folder).glob("*.json"))
+    assert records, f"no records in {folder}"
+    study = load_study(CONFIGS / "studies" / f"{Path(folder).name}.yaml")
+    specs = {s.record_path.resolve(): s for s in expand(study, results_dir=str(REPO / Path(folder).parent.parent),
+                                                       work_dir="unused", wandb="disabled")}
+    for path in records:
+        record, spec = json.loads(path.read_text()), specs.get(path.resolve())
+        assert spec is not None, f"{path.name} is not a run of the study"
+        assert record["spec_digest"] == spec.digest, (path.name, spec.differences(record["spec_protocol"]))
