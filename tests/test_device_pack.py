@@ -1,6 +1,6 @@
-"""What a GPU call carries (``benchmark.perf.device_pack``): MNIST as torchvision's raw files, read back by
-torchvision as the same images, and a TorchScript network whose weights travel as float16 and come back as
-float32 copies of the rounded values."""
+"""The packed inputs of a GPU job without internet (``benchmark.perf.device_pack``): MNIST as torchvision's
+raw files, read back by torchvision as the same images, and a TorchScript network whose weights are stored as
+float16 and come back as float32 copies of the rounded values."""
 
 from __future__ import annotations
 

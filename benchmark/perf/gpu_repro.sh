@@ -1,22 +1,25 @@
 #!/usr/bin/env bash
-# One GPU call for a published table: Table 1 (MNIST) of Ghosh et al. 2020, configs/studies/repro_rae_fid.yaml
+# A GPU job for a published table: Table 1 (MNIST) of Ghosh et al. 2020, configs/studies/repro_rae_fid.yaml
 # (AE, VAE, CV-VAE, WAE, RAE-L2 and RAE at the authors' per-model settings; seed 0), its six runs side by
 # side on one card, Inception FID of 10,000 samples from N(0, I) and from the GMM, against the test split.
-# The paper trains 100 epochs; EPOCHS (default 25) is what fits one call of about 8 minutes by the estimate
-# in the repository's notes, and the leaderboard's reproduction table then says "epochs 25 vs reference 100"
-# instead of comparing. Run on the CPU first, in the repository's root:
+# The paper trains 100 epochs; the default EPOCHS=25 is an estimated 8 minutes on one GPU (STUDY_TIMEOUT,
+# default 480 s, stops the study there), and the leaderboard's reproduction table then says "epochs 25 vs
+# reference 100" instead of comparing. The GPU machine needs no internet; its inputs are prepared first, in the
+# repository's root (MNIST and Inception packed into .device, 46 MiB; the wheels the study needs beyond
+# torch and Lightning into .whl):
 #   python -m benchmark.perf.device_pack --mnist ../shared/data/mnist.pkl.gz \
 #       --inception ../shared/models/inception-v3-2015-12-05.torchscript.pt --out .device
 #   pip download --no-deps -d .whl torch-fidelity==0.4.0 jsonargparse==4.53.0 docstring-parser==0.18.0 \
 #       typeshed-client==2.15.0
-# then, as the device call's command, with carry [".device", ".whl"] (46 MiB with the 14 MiB repository):
-#   EPOCHS=25 bash benchmark/perf/gpu_repro.sh
+# then, in a copy of the repository with .device and .whl on the GPU machine:
+#   EPOCHS=25 bash benchmark/perf/gpu_repro.sh [OUT]
 # STUDY=repro_pythae_vae runs the pythae VAE row instead (seed 0 only, SEEDS to change): its published budget,
 # ~1000 epochs, is about 35 minutes of one run at the 23.8k img/s measured on an H100, so the default EPOCHS
 # there is 200 (about 7 minutes), which the reproduction table marks as another protocol.
-# Writes the records, leaderboard and logs to $OUT (or ./gpu-out).
+# Writes the records (results.tgz), the run logs (run-logs.tgz), study.log and gpu.txt to the folder OUT
+# (the first argument, else $OUT, else ./gpu-out).
 set -uo pipefail
-OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
+OUT=${1:-${OUT:-gpu-out}}; mkdir -p "$OUT"
 STUDY=${STUDY:-repro_rae_fid}; SEEDS=${SEEDS:-0}
 if [ "$STUDY" = repro_pythae_vae ]; then DEFAULT_EPOCHS=200; else DEFAULT_EPOCHS=25; fi
 EPOCHS=${EPOCHS:-$DEFAULT_EPOCHS}; PER_DEVICE=${PER_DEVICE:-6}; STUDY_TIMEOUT=${STUDY_TIMEOUT:-480}
