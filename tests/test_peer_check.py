@@ -1,6 +1,7 @@
 """The peer cross-check (``benchmark.perf.peer_check``): a dry run at a tiny budget writes the table and its
-JSON, the suite's and pythae's estimators agree on the same model, a rerun keeps the finished seeds, and
-without pythae the command says so and runs nothing."""
+JSON, the suite's and pythae's estimators agree on the same model, a rerun keeps the finished seeds (those it
+is not asked for too), each bad argument has its own message, and without pythae the command says so and runs
+nothing."""
 
 from __future__ import annotations
 
@@ -19,6 +20,38 @@ def test_without_pythae_the_check_says_so_and_runs_nothing(tmp_path, monkeypatch
     out = tmp_path / "peer.md"
     assert peer_check.main(["--data", str(tmp_path / "absent"), "--out", str(out)]) == 2
     assert "pythae is not installed" in capsys.readouterr().err and not out.exists()
+
+
+def fake_seed(args, seed):
+    return {side: {"train_s": 1.0 + seed, "elbo": -100.0 - seed, "nll_suite": 90.0 + seed,
+                   "nll_pythae": 90.5 + seed} for side in peer_check.SIDES}
+
+
+def test_a_rerun_with_other_seeds_keeps_and_reports_every_saved_seed(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(peer_check, "HAVE_PYTHAE", True)
+    trained = []
+    monkeypatch.setattr(peer_check, "run_seed", lambda args, seed: trained.append(seed) or fake_seed(args, seed))
+    out = tmp_path / "peer.md"
+    base = ["--data", str(tmp_path / "absent"), "--out", str(out)]
+    assert peer_check.main([*base, "--seeds", "0", "1"]) == 0
+    capsys.readouterr()
+    assert peer_check.main([*base, "--seeds", "1", "2"]) == 0
+    assert trained == [0, 1, 2]
+    printed = capsys.readouterr().out
+    assert "seeds [1] already done" in printed and "seeds [0] of" in printed
+    assert set(json.loads(out.with_suffix(".json").read_text())["seeds"]) == {"0", "1", "2"}
+    per_seed = markdown_tables(out.read_text())["Per seed",]
+    assert sorted({row["seed"] for row in per_seed}) == ["0", "1", "2"]
+
+
+@pytest.mark.parametrize("bad, message", [(["--epochs", "0"], "--epochs 0: train at least 1 epoch"),
+                                          (["--k", "0"], "--k 0: the estimators need at least 1"),
+                                          (["--seeds", "1", "1"], "--seeds 1 1: a seed is given twice")])
+def test_each_bad_argument_has_its_own_message(tmp_path, monkeypatch, capsys, bad, message):
+    monkeypatch.setattr(peer_check, "HAVE_PYTHAE", True)
+    with pytest.raises(SystemExit):
+        peer_check.main(["--data", str(tmp_path), "--out", str(tmp_path / "peer.md"), *bad])
+    assert message in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not peer_check.HAVE_PYTHAE, reason="pythae is not installed (pip install 'latent-bench[pythae]')")

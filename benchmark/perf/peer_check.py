@@ -24,7 +24,8 @@ Estimators, both with the encoder's own q(z|x) as the proposal and K importance 
 - pythae's ``VAE.get_nll``, run on pythae's model and on the suite's model wrapped as a pythae ``VAE``.
 
 Each seed's numbers are written to ``<out>.json`` as the seed ends, and a rerun of the same protocol keeps
-them. pythae is the optional extra ``latent-bench[pythae]``; without it the command says so and exits 2.
+them and trains only the seeds not saved; the table reports every saved seed, whether or not ``--seeds`` names
+it. pythae is the optional extra ``latent-bench[pythae]``; without it the command says so and exits 2.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from torch import nn
 from torch.distributions import Bernoulli, Independent, Normal
 
 from benchmark.data import LatentDataModule, TensorImages
+from benchmark.latents import standard_normal
 from benchmark.leaderboard.tables import paired_difference, summarize
 from benchmark.metrics.likelihood import elbo_terms, iw_log_likelihood
 from benchmark.records import atomic_write
@@ -169,7 +171,7 @@ def suite_estimates(x: torch.Tensor, posterior, decode, k: int, seed: int, batch
     with torch.no_grad():
         for xb in x.split(batch):
             q = posterior(xb)
-            pz = Independent(Normal(torch.zeros_like(q.mean), torch.ones_like(q.mean)), 1)  # N(0, I), (B, D)
+            pz = standard_normal(q.mean.shape[-1], q.mean, q.mean.shape[:-1])
             distortion, rate = elbo_terms(xb, q, decode, pz)
             elbo.append(-(distortion + rate))
             log_px.append(iw_log_likelihood(xb, q, decode, pz, k))
@@ -266,8 +268,12 @@ def main(argv=None) -> int:
         print("peer_check: pythae is not installed, nothing was run; pip install 'latent-bench[pythae]'",
               file=sys.stderr)
         return 2
-    if min(args.epochs, args.k) < 1 or len(set(args.seeds)) != len(args.seeds):
-        parser.error("--epochs and --k must be at least 1 and --seeds distinct")
+    if args.epochs < 1:
+        parser.error(f"--epochs {args.epochs}: train at least 1 epoch")
+    if args.k < 1:
+        parser.error(f"--k {args.k}: the estimators need at least 1 importance sample")
+    if len(set(args.seeds)) != len(args.seeds):
+        parser.error(f"--seeds {' '.join(map(str, args.seeds))}: a seed is given twice; give each once")
     proto = protocol(args)
     if args.limit_train:
         proto["train_images"] = f"the first {args.limit_train} training images"
@@ -277,12 +283,14 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     saved = out.with_suffix(".json")
     rows = {}
-    if saved.is_file():  # seeds of an earlier, interrupted run of the same protocol are kept
+    if saved.is_file():  # every seed an earlier run of the same protocol saved is kept, and reported
         earlier = json.loads(saved.read_text())
         if earlier.get("protocol") == proto:
-            rows = {int(seed): sides for seed, sides in earlier["seeds"].items() if int(seed) in args.seeds}
-            if rows:
-                print(f"peer_check: seeds {sorted(rows)} already done in {saved}")
+            rows = {int(seed): sides for seed, sides in earlier["seeds"].items()}
+            if done := sorted(set(rows) & set(args.seeds)):
+                print(f"peer_check: seeds {done} already done in {saved}")
+            if others := sorted(set(rows) - set(args.seeds)):
+                print(f"peer_check: seeds {others} of {saved} are reported too")
     for seed in [s for s in args.seeds if s not in rows]:
         rows[seed] = run_seed(args, seed)
         atomic_write(saved, json.dumps({"protocol": proto, "seeds": rows}, indent=2))
