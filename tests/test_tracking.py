@@ -12,8 +12,8 @@ import pytest
 
 from benchmark import tracking
 from benchmark.records import read_record
-from helpers import free_port
-from test_study import offline_run, progress_lines, run_study, write_study
+from helpers import free_port, progress_lines, write_study
+from test_study import offline_run, run_study
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
