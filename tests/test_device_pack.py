@@ -4,6 +4,7 @@ float16 and come back as float32 copies of the rounded values."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -33,3 +34,9 @@ def test_a_network_travels_as_float16_and_returns_as_float32_of_the_rounded_weig
         assert not torch.equal(a, b) or a.abs().max() == 0, name  # rounded, not copied
     x = torch.randn(2, 5)
     torch.testing.assert_close(restored(x), net(x), rtol=1e-2, atol=1e-2)
+
+
+def test_packing_without_mnist_names_the_missing_argument(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        device_pack.main(["--inception", str(tmp_path / "net.pt"), "--out", str(tmp_path)])
+    assert "--mnist is required to pack (the path of mnist.pkl.gz)" in capsys.readouterr().err

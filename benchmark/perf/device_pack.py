@@ -119,8 +119,9 @@ def check_inception(path: Path, packed: Path, pkl: Path, n: int, tmp: Path):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmark.perf.device_pack", description=__doc__.split(":\n")[0] + ".")
-    p.add_argument("--mnist", type=Path, help="mnist.pkl.gz")
-    p.add_argument("--inception", type=Path, help="inception-v3-2015-12-05.torchscript.pt")
+    p.add_argument("--mnist", type=Path, help="the path of mnist.pkl.gz (required to pack)")
+    p.add_argument("--inception", type=Path,
+                   help="the path of inception-v3-2015-12-05.torchscript.pt (required to pack)")
     p.add_argument("--out", type=Path, default=Path(".device"))
     p.add_argument("--check", type=int, default=64, help="real images for the Inception check (0: none)")
     p.add_argument("--unpack", type=Path, help="a packed folder to unpack (on the GPU machine) into --to")
@@ -134,8 +135,11 @@ def main(argv=None) -> int:
         restored_inception(args.unpack / "inception-fp16.pt.xz", args.to / "inception.pt")
         print(f"device_pack: unpacked {args.unpack} into {args.to}")
         return 0
-    for name, f in (("--mnist", args.mnist), ("--inception", args.inception)):
-        if f is None or not f.is_file():
+    for name, f, what in (("--mnist", args.mnist, "mnist.pkl.gz"),
+                          ("--inception", args.inception, "inception-v3-2015-12-05.torchscript.pt")):
+        if f is None:
+            p.error(f"{name} is required to pack (the path of {what}), unless --unpack is given")
+        if not f.is_file():
             p.error(f"{name} {f}: no such file")
     args.out.mkdir(parents=True, exist_ok=True)
     written = [*pack_mnist(args.mnist, args.out), pack_inception(args.inception, args.out)]
