@@ -17,28 +17,32 @@
 # ~1000 epochs, is about 35 minutes of one run at the 23.8k img/s measured on an H100, so the default EPOCHS
 # there is 200 (about 7 minutes), which the reproduction table marks as another protocol.
 # Writes the records (results.tgz), the run logs (run-logs.tgz), study.log and gpu.txt to the folder OUT
-# (the first argument, else $OUT, else ./gpu-out).
-set -uo pipefail
+# (the first argument, else $OUT, else ./gpu-out). A failed step before the study stops the job; a study that
+# fails or runs out of STUDY_TIMEOUT still leaves its records and logs there, and the job exits with its status.
+set -euo pipefail
 OUT=${1:-${OUT:-gpu-out}}; mkdir -p "$OUT"
 STUDY=${STUDY:-repro_rae_fid}; SEEDS=${SEEDS:-0}
 if [ "$STUDY" = repro_pythae_vae ]; then DEFAULT_EPOCHS=200; else DEFAULT_EPOCHS=25; fi
 EPOCHS=${EPOCHS:-$DEFAULT_EPOCHS}; PER_DEVICE=${PER_DEVICE:-6}; STUDY_TIMEOUT=${STUDY_TIMEOUT:-480}
 PRECISION=${PRECISION:-32-true}
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site:$PWD
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:$PWD
 fi
 export PYTHONPATH=${PYTHONPATH:-$PWD} PYTHONUNBUFFERED=1 LATENT_BENCH_CACHE=/tmp/cache
+export PYTHONWARNINGS='ignore:`torch.jit.:FutureWarning'  # torch.jit.load and save's deprecation, at every load
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 start=$(date +%s)
-python3 -m benchmark.perf.device_pack --unpack .device --to /tmp/device 2>&1 | grep -v -i warn | tee "$OUT/study.log"
+python3 -m benchmark.perf.device_pack --unpack .device --to /tmp/device 2>&1 | tee "$OUT/study.log"
+study=0
 timeout "$STUDY_TIMEOUT" python3 -m benchmark.cli run "configs/studies/$STUDY.yaml" --seeds "$SEEDS" --devices auto \
   --per-device "$PER_DEVICE" --wandb disabled --results "$OUT/results" --work-dir /tmp/gpu-runs \
   --set data.path=/tmp/device --set "trainer.max_epochs=$EPOCHS" \
   --set "trainer.precision=$PRECISION" --set evaluation.inception_weights=/tmp/device/inception.pt \
-  2>&1 | grep -v -i warn | tee -a "$OUT/study.log"
+  2>&1 | tee -a "$OUT/study.log" || study=$?
 echo "wall time: $(( $(date +%s) - start )) s ($STUDY, seeds $SEEDS, $PER_DEVICE runs per GPU, $EPOCHS epochs, precision $PRECISION)" \
   | tee -a "$OUT/study.log"
-python3 -m benchmark.cli leaderboard "$OUT/results" --references results/references.yaml 2>&1 | tail -1
-tar czf "$OUT/results.tgz" -C "$OUT" results 2>/dev/null && rm -rf "$OUT/results"
-tar czf "$OUT/run-logs.tgz" --exclude='*.ckpt' -C /tmp/gpu-runs . 2>/dev/null
+python3 -m benchmark.cli leaderboard "$OUT/results" --references results/references.yaml 2>&1 | tail -1 || true
+if [ -d "$OUT/results" ]; then tar czf "$OUT/results.tgz" -C "$OUT" results && rm -rf "$OUT/results"; fi
+if [ -d /tmp/gpu-runs ]; then tar czf "$OUT/run-logs.tgz" --exclude='*.ckpt' -C /tmp/gpu-runs .; fi
+exit "$study"
