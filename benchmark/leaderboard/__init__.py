@@ -21,6 +21,7 @@ from benchmark.leaderboard.tables import REFERENCE_VARIANT, PairedRow, aggregate
 from benchmark.records import atomic_write, load_records
 from benchmark.selection import is_swept, views
 
+
 def _records_of(root: Path, option: str = "RESULTS_DIR") -> list[dict]:
     if not root.is_dir():
         raise UsageError(f"results directory {root} does not exist; pass the folder that holds "

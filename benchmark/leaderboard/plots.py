@@ -13,6 +13,7 @@ from benchmark.leaderboard.tables import (GAUSSIANITY_PANEL, LOG_SCALE, RANKINGS
                                           in_rank_order, primary_keys, rank, table_title, tables_of)
 from benchmark.selection import tuned_view
 
+
 def _label(g: Group, groups: Sequence[Group]) -> str:
     """The group's name in a figure of ``groups`` (one study): its variant and setting, and of its dataset,
     budget and view what the figure's groups do not share."""

@@ -9,6 +9,7 @@ from typing import Iterable, Sequence
 from benchmark.errors import UsageError
 from benchmark.leaderboard.tables import MIXED, Group, canonical
 
+
 def load_references(path: str | Path) -> list[dict]:
     """The entries of a references YAML (see ``results/references.yaml``); bad files -> UsageError."""
     import yaml

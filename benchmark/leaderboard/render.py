@@ -18,6 +18,7 @@ from benchmark.leaderboard.tables import (BESIDE_COLUMNS, HEADLINE, HEADLINE_KEY
 from benchmark.records import atomic_write
 from benchmark.selection import CRITERIA, at_edge, select, setting_label, tuned_view
 
+
 def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return lines + ["| " + " | ".join(r) + " |" for r in rows]
