@@ -75,7 +75,8 @@ def cell(text: str) -> Cell | None:
 def markdown_tables(text: str) -> dict[tuple[str, ...], list[dict[str, str]]]:
     """Each table of a markdown document under its headings (the path of ``#``-headings above it, without
     the document's title), as rows of {column: cell text}. A second table under the same headings is keyed
-    by the headings and the line of text above it (e.g. "Other metrics:")."""
+    by the headings and the line of text above it (e.g. "Other metrics:"); two that the same key would name
+    raise ValueError, rather than one hiding the other."""
     tables: dict[tuple[str, ...], list[dict[str, str]]] = {}
     path: list[str] = []
     caption = ""
@@ -93,7 +94,11 @@ def markdown_tables(text: str) -> dict[tuple[str, ...], list[dict[str, str]]]:
             while i < len(lines) and lines[i].startswith("| "):
                 rows.append(dict(zip(header, _cells(lines[i]))))
                 i += 1
-            tables[tuple(path) if tuple(path) not in tables else (*path, caption)] = rows
+            key = tuple(path) if tuple(path) not in tables else (*path, caption)
+            if key in tables:
+                raise ValueError(f"two tables under the headings {list(path)} with the same line above them "
+                                 f"({caption!r}): the one at line {i - len(rows) - 1} would replace an earlier one")
+            tables[key] = rows
             continue
         elif line.strip():
             caption = line.strip()
