@@ -22,7 +22,7 @@ from torch.distributions import Distribution, MultivariateNormal
 from benchmark.errors import UsageError
 from benchmark.latents import Delta, lower_triangular, reparametrize
 from benchmark.metrics import keys
-from benchmark.metrics.extractors import FEATURE_EXTRACTORS, build_feature_extractor
+from benchmark.metrics.extractors import FEATURE_EXTRACTORS, RUN_CONTEXT, build_feature_extractor, unmet_parameters
 from benchmark.metrics.fid import features_to_reference_statistics, reference_features, reference_statistics
 from benchmark.metrics.gaussianity import LatentGaussianity, fit_gmm
 from benchmark.metrics.likelihood import (DISCRETE, LikelihoodBounds, bpd_metrics, elbo_terms, index_noise,
@@ -187,13 +187,17 @@ class Evaluation(L.LightningModule):
 
 def check_extractor(cfg: EvaluationConfig):
     """Called before a run trains, so that what would fail its evaluation fails now: the FID extractor is a
-    registered one (the registry is torch-side, out of ``EvaluationConfig``'s reach), and Inception's weights
-    load (torch-fidelity downloads them the first time; offline without a local file, that is an error)."""
+    registered one (the registry is torch-side, out of ``EvaluationConfig``'s reach) whose builder needs no
+    more than a run gives it, and Inception's weights load (torch-fidelity downloads them the first time;
+    offline without a local file, that is an error)."""
     if cfg.fid_samples <= 0:
         return
     if cfg.fid_extractor not in FEATURE_EXTRACTORS:
         raise UsageError(f"unknown evaluation.fid_extractor {cfg.fid_extractor!r}; "
                          f"choose one of {sorted(FEATURE_EXTRACTORS)}")
+    if unmet := unmet_parameters(cfg.fid_extractor):
+        raise UsageError(f"the builder of evaluation.fid_extractor {cfg.fid_extractor!r} requires {unmet}, which "
+                         f"a run does not give: a run gives {list(RUN_CONTEXT)}; give the others defaults")
     if cfg.fid_extractor == "inception":
         build_feature_extractor("inception", weights_path=cfg.inception_weights)
 
@@ -225,9 +229,9 @@ def evaluate(model: LatentVariableModel, datamodule, cfg: EvaluationConfig, make
     extractor = reference = features = gmm = None
     if cfg.fid_samples > 0:
         name = datamodule.hparams.dataset
-        extractor = build_feature_extractor(cfg.fid_extractor, dataset=name, train_images=x_train,
-                                            train_labels=y_train, cache_dir=cfg.cache_dir,
-                                            weights_path=cfg.inception_weights)
+        context = dict(dataset=name, train_images=x_train, train_labels=y_train, cache_dir=cfg.cache_dir,
+                       weights_path=cfg.inception_weights)
+        extractor = build_feature_extractor(cfg.fid_extractor, context)
         reference = reference_statistics(name, datamodule.grey["test"][0], extractor, cache_dir=cfg.cache_dir)
         features = reference_features(name, datamodule.grey["test"][0], extractor, cache_dir=cfg.cache_dir)
         lap("fid_reference_s")

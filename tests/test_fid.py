@@ -75,6 +75,45 @@ def test_registry_fails_loudly():
         del extractors.FEATURE_EXTRACTORS["not-an-extractor"]
 
 
+def test_a_builder_gets_the_run_context_its_signature_names_and_no_more():
+    seen = {}
+
+    def only_dataset(dataset, scale=1):
+        seen["only_dataset"] = dict(dataset=dataset, scale=scale)
+        return FlattenFeatures(4)
+
+    def everything(**kwargs):
+        seen["everything"] = kwargs
+        return FlattenFeatures(4)
+
+    context = dict(dataset="digits", train_images=torch.zeros(2, 1, 2, 2), train_labels=torch.zeros(2),
+                   cache_dir=None, weights_path=None)
+    extractors.register_feature_extractor("only-dataset")(only_dataset)
+    extractors.register_feature_extractor("everything")(everything)
+    try:
+        extractors.build_feature_extractor("only-dataset", context, scale=2)
+        assert seen["only_dataset"] == {"dataset": "digits", "scale": 2}
+        extractors.build_feature_extractor("everything", context)
+        assert set(seen["everything"]) == set(extractors.RUN_CONTEXT)
+        with pytest.raises(TypeError, match="scael"):  # a misspelt keyword is not swallowed
+            extractors.build_feature_extractor("only-dataset", context, scael=2)
+    finally:
+        del extractors.FEATURE_EXTRACTORS["only-dataset"], extractors.FEATURE_EXTRACTORS["everything"]
+
+
+def test_a_builder_that_needs_what_no_run_gives_fails_before_training():
+    from benchmark.evaluation import check_extractor
+    from benchmark.spec import EvaluationConfig
+
+    assert extractors.unmet_parameters("domain") == [] and extractors.unmet_parameters("inception") == []
+    extractors.register_feature_extractor("needs-width")(lambda dataset, width: FlattenFeatures(width))
+    try:
+        with pytest.raises(UsageError, match=r"'needs-width' requires \['width'\], which a run does not give"):
+            check_extractor(EvaluationConfig(fid_samples=10, fid_extractor="needs-width"))
+    finally:
+        del extractors.FEATURE_EXTRACTORS["needs-width"]
+
+
 def test_extractors_reject_images_outside_unit_range(domain_extractor, digits):
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         domain_extractor(2 * digits[0][:4] - 1)

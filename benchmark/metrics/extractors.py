@@ -11,12 +11,16 @@ cache of what they compute once (a trained domain classifier, reference statisti
 Given the same weights (the TorchScript file's, copied into torch-fidelity's module), the two Inception backends
 gave the same features to 1e-6 on 8x8, 28x28 and 32x32 images, so they can differ only through their weights
 files, both converted from the same TensorFlow graph. Floats become 8-bit by rounding, as image writers do.
-A new extractor is a ``FeatureExtractor`` subclass registered with ``@register_feature_extractor("name")``.
+A new extractor is a ``FeatureExtractor`` subclass whose builder is registered with
+``@register_feature_extractor("name")``. A run builds it with those keywords of its context (``RUN_CONTEXT``)
+that the builder's signature names, so a builder takes only what it uses, and a required parameter that no run
+gives is reported before the run trains.
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import io
 import json
 import math
@@ -218,14 +222,15 @@ class DomainFeatureExtractor(FeatureExtractor):
 
 
 FEATURE_EXTRACTORS: dict[str, Callable[..., FeatureExtractor]] = {}
+# What a run's evaluation knows when it builds its extractor, offered to every builder by these names.
+RUN_CONTEXT = ("dataset", "train_images", "train_labels", "cache_dir", "weights_path")
 
 
 def register_feature_extractor(name: str) -> Callable:
     """Register a builder of a `FeatureExtractor` under a user-facing name; a duplicate name is an error.
 
-    A run's evaluation calls every builder with the same keywords, the run's context (``dataset``,
-    ``train_images``, ``train_labels``, ``cache_dir``, ``weights_path``); a builder takes what it needs and
-    ignores the rest (``**_``)."""
+    A run's evaluation passes a builder the keywords of ``RUN_CONTEXT`` that its signature names (all of them
+    to a builder with ``**kwargs``); its other parameters need defaults."""
 
     def register(builder: Callable[..., FeatureExtractor]) -> Callable[..., FeatureExtractor]:
         if name in FEATURE_EXTRACTORS:
@@ -236,18 +241,36 @@ def register_feature_extractor(name: str) -> Callable:
     return register
 
 
-def build_feature_extractor(name: str, **kwargs) -> FeatureExtractor:
-    """The extractor registered as `name` ('domain', 'inception'), built with the builder's `kwargs`."""
+def _taken(builder: Callable, keywords: dict) -> dict:
+    """The entries of `keywords` that `builder`'s signature names (all of them if it takes ``**kwargs``)."""
+    parameters = inspect.signature(builder).parameters.values()
+    if any(p.kind is p.VAR_KEYWORD for p in parameters):
+        return dict(keywords)
+    names = {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return {k: v for k, v in keywords.items() if k in names}
+
+
+def unmet_parameters(name: str) -> list[str]:
+    """The required parameters of `name`'s builder that a run's context (``RUN_CONTEXT``) does not give."""
+    return [p.name for p in inspect.signature(FEATURE_EXTRACTORS[name]).parameters.values()
+            if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+            and p.name not in RUN_CONTEXT]
+
+
+def build_feature_extractor(name: str, context: dict | None = None, **kwargs) -> FeatureExtractor:
+    """The extractor registered as `name` ('domain', 'inception'), built with `kwargs` as given (a name the
+    builder does not take is a TypeError) and those keywords of a run's `context` that the builder takes."""
     if name not in FEATURE_EXTRACTORS:
         raise KeyError(f"unknown feature extractor {name!r}; registered: {sorted(FEATURE_EXTRACTORS)}")
-    extractor = FEATURE_EXTRACTORS[name](**kwargs)
+    builder = FEATURE_EXTRACTORS[name]
+    extractor = builder(**{**_taken(builder, context or {}), **kwargs})
     if not isinstance(extractor, FeatureExtractor):
         raise TypeError(f"builder of {name!r} returned {type(extractor).__name__}, not a FeatureExtractor")
     return extractor
 
 
 @register_feature_extractor("inception")
-def inception_feature_extractor(weights_path: str | Path | None = None, **_) -> FeatureExtractor:
+def inception_feature_extractor(weights_path: str | Path | None = None) -> FeatureExtractor:
     """Inception-v3 pool3 features: a `.pt` TorchScript file, else torch-fidelity (a `.pth` or a download)."""
     if weights_path is not None and Path(weights_path).suffix == ".pt":
         return TorchScriptInceptionV3(weights_path)
@@ -319,7 +342,7 @@ def _train_domain_classifier(images: Tensor, labels: Tensor, *, epochs: int, min
 def domain_feature_extractor(dataset: str, train_images: Tensor, train_labels: Tensor, *,
                              cache_dir: str | Path | None = None, epochs: int = 3, min_steps: int = 1000,
                              batch_size: int = 128, val_fraction: float = 0.1, seed: int = 0,
-                             augment: str = "none", normalize: bool = True, **_) -> DomainFeatureExtractor:
+                             augment: str = "none", normalize: bool = True) -> DomainFeatureExtractor:
     """A `DomainClassifier` trained once on (train_images, train_labels) and cached by (dataset, checksum).
 
     The checksum covers the data and the training recipe, so a change of either trains a new network.
