@@ -9,6 +9,7 @@ built with the GPU count mocked both ways. ``trainer/ddp_cpu.yaml`` is instantia
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -142,6 +143,12 @@ def test_ddp_cpu_trainer_yaml_builds_a_two_process_spawn_trainer(workdir):
 STUDIES = sorted((CONFIGS / "studies").glob("*.yaml"))
 
 
+def seeded(args: list[str], seed: int) -> list[str]:
+    """A run's tokens with ``seed`` for the run's and its split's seed."""
+    return [json.dumps(seed) if i and args[i - 1] in ("--seed_everything", "--data.seed") else a
+            for i, a in enumerate(args)]
+
+
 @pytest.mark.parametrize("study_file", STUDIES, ids=lambda p: p.stem)
 def test_study_yaml_expands_into_runs_whose_configs_parse(study_file, monkeypatch):
     from benchmark.spec import EvaluationConfig
@@ -153,10 +160,15 @@ def test_study_yaml_expands_into_runs_whose_configs_parse(study_file, monkeypatc
     assert len(specs) == len(study["datasets"]) * settings * len(study["seeds"]) * len(study.get("budgets") or [1])
     assert len({s.name for s in specs}) == len(specs)
     monkeypatch.setattr(LatentBenchCLI, "instantiate_classes", lambda self: None)  # parse, check keys
+    first_seed = {}  # a run's tokens under the study's first seed, by its name without the seed
     for spec in specs:
         assert isinstance(spec, RunSpec) and all(Path(f).is_file() for f in spec.config_files)
         assert class_path(spec.variant).rsplit(".", 1)[1] in {c.__name__ for c in VARIANTS.values()}
         EvaluationConfig(**spec.evaluation)
+        if spec.seed != study["seeds"][0]:  # another seed's tokens differ only in the seeds checked below
+            assert spec.cli_args() == seeded(first_seed[spec.name.rsplit("-s", 1)[0]], spec.seed)
+            continue
+        first_seed[spec.name.rsplit("-s", 1)[0]] = spec.cli_args()
         parsed = build_cli(spec.cli_args(), run=False, save_config_callback=None)
         assert parsed.config.model.class_path == class_path(spec.variant)
         assert parsed.config.seed_everything == spec.seed
