@@ -1,0 +1,91 @@
+"""Runs trained as one batched model equal the runs trained one by one: the test that makes members safe."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from lightning.fabric.utilities.seed import _collect_rng_states
+
+from benchmark.errors import UsageError
+from benchmark.lightning_cli import build_cli
+from benchmark.members import Members, why_not_members
+from helpers import CONFIGS
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+EPOCHS = 2  # with a validation epoch between them: its noise comes from the same generators
+MEMBER_VARIANTS = ["ae", "ae_moments", "wae_mmd", "swae", "aae", "rae", "mean_only", "vae", "vae_fullcov", "no_info"]
+
+
+def build(variant: str, seed: int, weight: float | None = None, data: str = "digits_binary", *extra: str):
+    """One run as the study builds it (trainer, model and data configs, the seed for the run and its split),
+    and its generator states at the start of training."""
+    args = ["--config", str(CONFIGS / "trainer" / "cpu.yaml"), "--config", str(CONFIGS / "model" / f"{variant}.yaml"),
+            "--config", str(CONFIGS / "data" / f"{data}.yaml"), "--seed_everything", str(seed),
+            "--data.seed", str(seed), "--model.init_args.hidden", "[32, 32]", "--model.init_args.latent_dim", "4",
+            *extra]
+    if weight is not None:
+        args += ["--model.init_args.weight", str(weight)]
+    cli = build_cli(args, run=False, save_config_callback=None)
+    return cli.model, cli.datamodule, _collect_rng_states()
+
+
+def trainer(**kw) -> L.Trainer:
+    return L.Trainer(accelerator="cpu", devices=1, max_epochs=EPOCHS, logger=False, enable_checkpointing=False,
+                     enable_progress_bar=False, enable_model_summary=False, **kw)
+
+
+def same_to_rounding(p: torch.Tensor, q: torch.Tensor) -> bool:
+    """Equal to float rounding, allowing for Adam: an element whose gradient is near zero moves by about the
+    learning rate in the direction of the sign of its rounding noise, so a handful of elements in a tensor
+    (3 of the discriminator's 262,144 weights in one AAE run, by 2e-3) part by a few steps. A member that drew
+    another's noise or saw another's gradient parts in every element."""
+    if p.numel() == 0:  # no_info's encoder has no output
+        return p.shape == q.shape
+    gap = (p - q).abs()
+    return bool((gap > 1e-4).float().mean() < 1e-4) and float(gap.max()) < 1e-2
+
+
+def separate(variant: str, seed: int, weight: float | None):
+    model, data, _ = build(variant, seed, weight)
+    t = trainer()
+    t.fit(model, datamodule=data)
+    return model, float(t.callback_metrics["val/loss"])
+
+
+@pytest.mark.parametrize("variant", MEMBER_VARIANTS)
+def test_every_member_equals_its_own_run_after_training(variant):
+    """Three members (seeds 0-2, two weights) after 2 epochs, each against the run of its seed and weight
+    trained alone: the same parameters and the same validation loss, to float rounding. A member that drew
+    from another's generator, or saw another's gradient, would be off by far more."""
+    runs = [(0, None), (1, None), (2, 2.0)]
+    built = [build(variant, seed, weight) for seed, weight in runs]
+    members = Members(*zip(*built))
+    t = trainer()
+    t.fit(members)
+    for i, ((seed, weight), model) in enumerate(zip(runs, members.members())):
+        alone, val_loss = separate(variant, seed, weight)
+        for (name, p), q in zip(model.named_parameters(), alone.parameters()):
+            assert same_to_rounding(p, q), (variant, seed, name, (p - q).abs().max())
+        assert float(t.callback_metrics[f"val/loss/{i}"]) == pytest.approx(val_loss, rel=1e-4), (variant, seed)
+    # and the members differ from one another: each has its own initialisation and data
+    a, b = (dict(m.named_parameters()) for m in members.members()[:2])
+    assert not torch.allclose(a["decoder.0.0.weight"], b["decoder.0.0.weight"])
+
+
+def test_the_runs_that_cannot_be_members_are_named_with_the_reason():
+    vae0, vae1 = build("vae", 0)[0], build("vae", 1, None, "digits_binary", "--model.init_args.lr", "0.01")[0]
+    assert "lr" in why_not_members([vae0, vae1])
+    assert "different variants" in why_not_members([vae0, build("ae", 0)[0]])
+    assert "seed and weight only" in why_not_members([build("mean_only", 0)[0],
+                                                      build("mean_only", 1, None, "digits_binary",
+                                                            "--model.init_args.sigma0", "0.5")[0]])
+    for config, reason in (("rae_gp", "differentiates"), ("rae_sn", "in place"), ("conv", "batch norm")):
+        model = build(config, 0)[0]
+        assert reason in why_not_members([model, model]), config
+    plateau = build("vae", 0, None, "digits_binary", "--model.init_args.lr_plateau", "{factor: 0.5, patience: 2}")
+    assert "lr_plateau" in why_not_members([plateau[0]])
+    with pytest.raises(UsageError, match="cannot train as members: .*run them separately"):
+        Members([vae0, vae1], [build("vae", 0)[1]] * 2, [build("vae", 0)[2]] * 2)
+    assert why_not_members([vae0, build("vae", 1, 4.0)[0]]) is None  # seed and weight may differ
