@@ -49,8 +49,6 @@ def why_not_members(models: Sequence[LatentVariableModel]) -> str | None:
         return (f"RAE's decoder_reg {hp['decoder_reg']} " + ("differentiates through the decoder inside the step"
                 if hp["decoder_reg"] == "gp" else "updates its power-iteration vectors in place") +
                 ", which vmap cannot map over members")
-    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in first.modules()):
-        return "batch norm updates its running statistics in place, which vmap cannot map over members"
     return None
 
 
