@@ -5,11 +5,10 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
-from lightning.fabric.utilities.seed import _collect_rng_states
 
 from benchmark.errors import UsageError
 from benchmark.lightning_cli import build_cli
-from benchmark.members import Members, why_not_members
+from benchmark.members import Members, rng_state, why_not_members
 from helpers import CONFIGS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -28,7 +27,7 @@ def build(variant: str, seed: int, weight: float | None = None, data: str = "dig
     if weight is not None:
         args += ["--model.init_args.weight", str(weight)]
     cli = build_cli(args, run=False, save_config_callback=None)
-    return cli.model, cli.datamodule, _collect_rng_states()
+    return cli.model, cli.datamodule, rng_state()
 
 
 def trainer(**kw) -> L.Trainer:
