@@ -45,6 +45,9 @@ def run_main(argv: list[str]) -> int:
                         help="run side by side: 'auto', GPU indices '0,1', or a number of CPU workers")
     parser.add_argument("--per-device", type=int, default=1,
                         help="runs side by side on each device (small models leave a GPU idle)")
+    parser.add_argument("--members", default=None, metavar="auto|N",
+                        help="train runs of a variant that differ in seed and weight as one batched model, in this "
+                             "process: auto, or at most N a model")
     parser.add_argument("--executor", default="local", choices=["local", "submitit-local", "slurm"])
     parser.add_argument("--slurm", default="{}", help="submitit parameters as JSON, e.g. '{\"gpus_per_node\": 1}'")
     parser.add_argument("--wandb", default=None, choices=["online", "offline", "disabled"],
@@ -63,8 +66,8 @@ def run_main(argv: list[str]) -> int:
         raise UsageError(f"--slurm {args.slurm!r} is not JSON ({e.msg}); write e.g. '{{\"gpus_per_node\": 1}}'") from e
     return study.run(args.study, results=args.results, work_dir=args.work_dir, devices=args.devices,
                      per_device=args.per_device, executor=args.executor, slurm=slurm, wandb=args.wandb,
-                     overrides=overrides, datasets=args.datasets, variants=args.variants, seeds=args.seeds,
-                     budgets=args.budgets)
+                     overrides=overrides, members=args.members, datasets=args.datasets, variants=args.variants,
+                     seeds=args.seeds, budgets=args.budgets)
 
 
 def evaluate_main(argv: list[str]):

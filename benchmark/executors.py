@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import json
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -118,6 +119,42 @@ def run_sequential(specs: list[RunSpec], progress: Progress):
             if record["status"] == "failed":
                 record = {**record, "reason": f"{record['reason']}; see {log}"}
             progress.finish(spec.name, record)
+
+
+MEMBER_KEYS = ("seed_everything", "data.seed", "model.init_args.weight")  # what members may differ in
+
+
+def member_groups(specs: list[RunSpec], size: int | None) -> list[list[RunSpec]]:
+    """The runs in groups that may train as members: the same dataset, variant, configs, budget, evaluation and
+    overrides but for the seed and the regulariser's weight; at most ``size`` a group (None: no limit)."""
+    groups: dict[str, list[RunSpec]] = {}
+    for spec in specs:
+        rest = {k: v for k, v in spec.overrides.items() if k not in MEMBER_KEYS}
+        key = json.dumps([spec.dataset, spec.variant, spec.config_files, rest, spec.evaluation, spec.budget],
+                         sort_keys=True, default=str)
+        groups.setdefault(key, []).append(spec)
+    size = size or len(specs)
+    return [group[i: i + size] for group in groups.values() for i in range(0, len(group), size)]
+
+
+def run_members(specs: list[RunSpec], progress: Progress, size: int | None):
+    """Groups of runs as members (``runner.train_members_and_evaluate``), one group after another in this
+    process; each run's record as it would be alone. A group's output goes to its first run's log.txt."""
+    from benchmark.runner import train_members_and_evaluate
+
+    with lightning_info_on_stdout():
+        for group in member_groups(specs, size):
+            log = group[0].log_path
+            group[0].run_dir.mkdir(parents=True, exist_ok=True)
+            progress.running = len(group)
+            progress.event(group[0].name, f"started with {len(group) - 1} more as members, output in {log}")
+            with _output_to(log):
+                records = train_members_and_evaluate(group)
+            for spec, record in zip(group, records):
+                progress.running -= 1
+                if record["status"] == "failed":
+                    record = {**record, "reason": f"{record['reason']}; see {log}"}
+                progress.finish(spec.name, record)
 
 
 def run_workers(specs: list[RunSpec], slots: list[str], progress: Progress, run=None):

@@ -141,7 +141,8 @@ class Members(L.LightningModule):
         for i, name in enumerate(self.buffer_names):
             self.register_buffer(f"stacked_buffer_{i}", buffers[name])
         self.register_buffer("weights", torch.tensor([float(m.hparams.weight) for m in models]))  # (S,)
-        self.terms = nn.ModuleDict({f"{stage}_terms": TermMeans(len(models) * len(TERMS)) for stage in ("train", "val")})
+        self.terms = nn.ModuleDict({f"{stage}_terms": TermMeans(len(models) * len(TERMS))
+                                    for stage in ("train", "val")})
 
     @property
     def size(self) -> int:

@@ -72,9 +72,7 @@ def train_and_evaluate(spec: RunSpec) -> dict:
         return previous
     cli = build_cli(spec.cli_args(), run=False, save_config_callback=None)  # UsageError propagates: bad input stops the study
     model, data = cli.model, cli.datamodule
-    config = json.loads(json.dumps(cli.config.as_dict(), default=str))
-    # Linked from the data at instantiation: the parsed config still holds the class default (1, 28, 28).
-    config["model"]["init_args"]["data_shape"] = list(model.hparams.data_shape)
+    config = _config(cli)
     eval_cfg = EvaluationConfig(**{"seed": spec.seed, **spec.evaluation})
     check_extractor(eval_cfg)
     logger, offline = _logger(spec, config)
@@ -106,33 +104,140 @@ def train_and_evaluate(spec: RunSpec) -> dict:
         images = counter.images * trainer.world_size
         record.timings = {"train_s": train_s, "train_images_per_s": images / train_s if images else None,
                              "epochs": trainer.current_epoch, "resumed": resumed, "continued_from": continued}
-        start = time.perf_counter()
-        out = evaluate(model, data, eval_cfg, make_trainer)
-        record.timings.update(evaluate_s=time.perf_counter() - start, evaluate_parts=out["timings"])
-        record.status, record.metrics, record.validation = FINISHED, out["metrics"], out["validation"]
-        record.protocol = _protocol(model, data, trainer, out)
+        _evaluate_into(record, model, data, eval_cfg, make_trainer, trainer)
     except Diverged as e:
         record.status, record.reason, record.diverged_step = DIVERGED, str(e), e.step
     except UsageError:
         raise
     except Exception as e:  # a failed run is recorded with its reason; the study goes on
-        traceback.print_exc()
-        reason = failure_reason(e)
-        if not all(torch.isfinite(p).all() for p in model.parameters()):
-            # Non-finite weights that surface as an error in a step (a variant's own check refusing a NaN)
-            # before the epoch-end loss check sees them: that run diverged.
-            record.status, record.reason = DIVERGED, f"non-finite weights ({reason})"
-            record.diverged_step = trainer.global_step
-        else:
-            record.status, record.reason = FAILED, reason
+        _record_error(record, e, model, trainer)
     if trainer.global_rank == 0:
-        if record.status == FINISHED:
-            record.samples = _save_samples(model, spec)
-            if model.hparams.latent_dim == 2:
-                record.latent_map = _save_latent_map(model, data, spec, eval_cfg.seed)
-        write_record(spec.record_path, record)
-        _log_to_wandb(logger, record.as_dict(), spec)
+        _write(record, spec, model, data, eval_cfg, logger)
     return record.as_dict()
+
+
+def _evaluate_into(record: RunRecord, model, data, eval_cfg: EvaluationConfig, make_trainer, trainer):
+    """Evaluate the trained model; the record becomes finished, with its metrics and protocol."""
+    start = time.perf_counter()
+    out = evaluate(model, data, eval_cfg, make_trainer)
+    record.timings.update(evaluate_s=time.perf_counter() - start, evaluate_parts=out["timings"])
+    record.status, record.metrics, record.validation = FINISHED, out["metrics"], out["validation"]
+    record.protocol = _protocol(model, data, trainer, out)
+
+
+def _record_error(record: RunRecord, e: Exception, model, trainer):
+    traceback.print_exc()
+    reason = failure_reason(e)
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        # Non-finite weights that surface as an error in a step (a variant's own check refusing a NaN)
+        # before the epoch-end loss check sees them: that run diverged.
+        record.status, record.reason = DIVERGED, f"non-finite weights ({reason})"
+        record.diverged_step = trainer.global_step
+    else:
+        record.status, record.reason = FAILED, reason
+
+
+def _write(record: RunRecord, spec: RunSpec, model, data, eval_cfg: EvaluationConfig, logger):
+    """The record and, for a finished run, its sample grid and latent map beside it; W&B's summary."""
+    if record.status == FINISHED:
+        record.samples = _save_samples(model, spec)
+        if model.hparams.latent_dim == 2:
+            record.latent_map = _save_latent_map(model, data, spec, eval_cfg.seed)
+    write_record(spec.record_path, record)
+    _log_to_wandb(logger, record.as_dict(), spec)
+
+
+def train_members_and_evaluate(specs: list[RunSpec]) -> list[dict]:
+    """Train runs of one variant that differ in seed and weight as one batched model (``benchmark.members``),
+    then evaluate and record each as its own run; runs that cannot be members (the reason is printed), and a
+    group one of whose members diverges, train one by one. Returns the records.
+
+    Each member's checkpoint (``checkpoints/member.ckpt``) holds its model and data hyperparameters and its
+    weights, for ``latent-bench evaluate``; it holds no training state: a group stopped before its end trains
+    again from the start."""
+    from benchmark.lightning_cli import build_cli
+    from benchmark.members import Members, rng_state, why_not_members
+
+    done = {s.name: read_record(s.record_path) for s in specs if _finished_record(s)}
+    todo = [s for s in specs if s.name not in done]
+    built = []
+    for spec in todo:  # each run built as it would be alone, its generators' state taken where its fit would start
+        cli = build_cli(spec.cli_args(), run=False, save_config_callback=None)
+        built.append((spec, cli, rng_state()))
+    why = why_not_members([cli.model for _, cli, _ in built]) if len(built) > 1 else "one run to train"
+    if why is not None:
+        print(f"training {len(todo)} run(s) one by one: {why}", file=sys.stderr, flush=True)
+        return [train_and_evaluate(s) for s in specs]
+    members = Members([cli.model for _, cli, _ in built], [cli.datamodule for _, cli, _ in built],
+                      [state for *_, state in built])
+    first = built[0][1]
+    trainer = first.instantiate_trainer(logger=False, callbacks=[DivergenceGuard()], enable_checkpointing=False)
+    device = _device_name(trainer)
+    records = []
+    for spec, cli, _ in built:
+        spec.run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(spec.protocol_path, {"digest": spec.digest, "protocol": spec.protocol()})
+        record = RunRecord.of(spec, config=_config(cli), code=code_version(), env=environment(), device=device)
+        write_record(spec.record_path, record)
+        records.append(record)
+    try:
+        start = time.perf_counter()
+        trainer.fit(members)
+        train_s = time.perf_counter() - start
+    except Diverged:
+        print("a member diverged: the group's runs train one by one", file=sys.stderr, flush=True)
+        return [train_and_evaluate(s) for s in specs]
+    images = len(built) * trainer.num_training_batches * trainer.current_epoch * first.datamodule.hparams.batch_size
+    for (spec, cli, _), model, record in zip(built, members.members(), records):
+        data = cli.datamodule
+        record.timings = {"train_s": train_s, "train_images_per_s": images / train_s, "epochs": trainer.current_epoch,
+                          "resumed": False, "continued_from": None, "members": len(built)}
+        _save_member(model, data, spec.run_dir / "checkpoints" / "member.ckpt", trainer)
+        eval_cfg = EvaluationConfig(**{"seed": spec.seed, **spec.evaluation})
+        logger, _ = _logger(spec, record.config)
+
+        def make_trainer(**overrides):
+            return cli.instantiate_trainer(**{"logger": False, "callbacks": [], "enable_checkpointing": False,
+                                              **overrides})
+
+        try:
+            _evaluate_into(record, model, data, eval_cfg, make_trainer, trainer)
+        except UsageError:
+            raise
+        except Exception as e:
+            _record_error(record, e, model, trainer)
+        _write(record, spec, model, data, eval_cfg, logger)
+        done[spec.name] = record.as_dict()
+    return [done[s.name] for s in specs]
+
+
+def _finished_record(spec: RunSpec) -> bool:
+    try:
+        return spec.record_path.exists() and read_record(spec.record_path).get("status") == FINISHED
+    except ValueError:
+        return False
+
+
+def _config(cli) -> dict:
+    """The run's resolved config as the record holds it."""
+    config = json.loads(json.dumps(cli.config.as_dict(), default=str))
+    # Linked from the data at instantiation: the parsed config still holds the class default (1, 28, 28).
+    config["model"]["init_args"]["data_shape"] = list(cli.model.hparams.data_shape)
+    return config
+
+
+def _save_member(model, data, path: Path, trainer):
+    """A checkpoint that ``load_checkpoint`` (and ``latent-bench evaluate``) reads: the weights and the model's
+    and the data's hyperparameters, as Lightning writes them, without training state."""
+    import lightning as L
+
+    checkpoint = {"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams),
+                  "datamodule_hyper_parameters": dict(data.hparams), "epoch": trainer.current_epoch,
+                  "global_step": trainer.global_step, "pytorch-lightning_version": L.__version__}
+    model.on_save_checkpoint(checkpoint)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(checkpoint, path.with_suffix(".tmp"))
+    os.replace(path.with_suffix(".tmp"), path)
 
 
 def record_failure(spec: RunSpec, reason: str) -> dict:

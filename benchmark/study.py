@@ -40,7 +40,7 @@ from pathlib import Path
 import yaml
 
 from benchmark.errors import Interrupted, UsageError, failure_reason
-from benchmark.executors import Progress, parse_devices, run_sequential, run_submitit, run_workers
+from benchmark.executors import Progress, parse_devices, run_members, run_sequential, run_submitit, run_workers
 from benchmark.spec import EvaluationConfig, RunSpec, format_value
 from benchmark.tracking import offline_note
 from benchmark.tracking import resolve as resolve_wandb
@@ -369,17 +369,29 @@ def user_modules(*folders: Path):
 
 def run(study_path: str | Path, results: str = "results", work_dir: str = "runs", devices: str | None = None,
         per_device: int = 1, executor: str = "local", slurm: dict | None = None, wandb: str | None = None,
-        overrides: dict | None = None, **subsets: str | None) -> int:
+        overrides: dict | None = None, members: str | None = None, **subsets: str | None) -> int:
     """Run a study (a YAML path or a packaged study's key): skip its finished runs, check every configuration
     of the others, run them (in this process, on ``devices`` side by side, or through submitit), then write
     the leaderboard. ``overrides``: dotted keys for every run, ``evaluation.<field>`` ones for the evaluation;
-    ``subsets``: datasets, variants, seeds, budgets as "A,B". 0 when every run finished, 1 otherwise."""
+    ``members``: train runs that differ in seed and weight as one batched model, "auto" (every such group) or
+    at most N a group (``benchmark.members``); ``subsets``: datasets, variants, seeds, budgets as "A,B".
+    0 when every run finished, 1 otherwise."""
     with user_modules(study_file(study_path).parent, Path.cwd()):
         return _run(study_path, results, work_dir, devices, per_device, executor, slurm or {}, wandb,
-                    dict(overrides or {}), subsets)
+                    dict(overrides or {}), subsets, members)
 
 
-def _run(study_path, results, work_dir, devices, per_device, executor, slurm, wandb, overrides, subsets) -> int:
+def parse_members(members: str | None) -> int | None:
+    """``--members``: None or "1" (off) -> 1, "auto" -> None (no limit), N -> N."""
+    if members in (None, "auto"):
+        return 1 if members is None else None
+    if not members.isdigit() or int(members) < 1:
+        raise UsageError(f"--members {members}: give auto or a positive number of runs to train as one model")
+    return int(members)
+
+
+def _run(study_path, results, work_dir, devices, per_device, executor, slurm, wandb, overrides, subsets,
+         members=None) -> int:
     evaluation = {k.removeprefix("evaluation."): overrides.pop(k) for k in list(overrides) if k.startswith("evaluation.")}
     wandb, unreachable = resolve_wandb(wandb or ("online" if os.environ.get("WANDB_API_KEY") else "offline"))
     study = select(load_study(study_path), **subsets)
@@ -393,6 +405,10 @@ def _run(study_path, results, work_dir, devices, per_device, executor, slurm, wa
         else:
             todo.append(spec)
     slots = parse_devices(devices)
+    group_size = parse_members(members)
+    if group_size != 1 and (executor != "local" or (slots and len(slots) * per_device > 1)):
+        raise UsageError("--members trains each group in this process, on one device: drop --devices, "
+                         "--per-device and --executor, or --members")
     if per_device < 1:
         raise UsageError(f"--per-device {per_device}: give a positive number of runs per device")
     slots = [s for s in slots for _ in range(per_device)] if slots else None
@@ -405,7 +421,9 @@ def _run(study_path, results, work_dir, devices, per_device, executor, slurm, wa
     check_runs(todo, results, work_dir)
     previous = signal.signal(signal.SIGINT, _interrupt)  # Lightning would turn a KeyboardInterrupt into exit(1)
     try:
-        if executor != "local":
+        if group_size != 1:
+            run_members(todo, progress, group_size)
+        elif executor != "local":
             run_submitit(todo, "local" if executor == "submitit-local" else "slurm", work_dir, progress, slurm)
         elif slots and len(slots) > 1:
             run_workers(todo, slots, progress)

@@ -530,6 +530,49 @@ def test_evaluate_prints_json_alone_on_stdout_and_loads_a_user_s_own_variant(fin
         load_checkpoint(tmp_path / "gone.ckpt")
 
 
+def test_members_give_each_run_the_record_it_gets_alone(finished_study, tmp_path, capsys):
+    """``--members auto``: the tiny study's two seeds of each variant train as one model, and every run's record
+    has the numbers of the same run trained alone (the finished study), to float rounding; its member checkpoint
+    evaluates to them too."""
+    from benchmark.cli import evaluate_main
+
+    results, work = tmp_path / "results", tmp_path / "runs"
+    assert run_study(finished_study["path"], results, work, "--wandb", "disabled", "--members", "auto") == 0
+    alone, together = (records_of(r, finished_study["study"]) for r in (finished_study["results"], results))
+    assert set(together) == set(alone) and {r["status"] for r in together.values()} == {"finished"}
+    assert len([line for line in progress_lines(capsys.readouterr().out) if "as members" in line]) == len(VARIANTS)
+    for name, record in together.items():
+        assert record["timings"]["members"] == len(SEEDS)
+        for key in ("elbo_posthoc", "nll_iw", "gauss_kl", "distortion_posthoc"):
+            assert record["metrics"][key] == pytest.approx(alone[name]["metrics"][key], rel=1e-4, abs=1e-6), (name, key)
+    name = run_name("vae", SEEDS[1])
+    out = tmp_path / "evaluated.json"
+    settings = [a for k, v in {**EVALUATION, "seed": SEEDS[1]}.items() for a in ("--set", f"{k}={v}")]
+    evaluate_main([str(work / finished_study["study"] / name / "checkpoints" / "member.ckpt"), *settings,
+                   "--output", str(out)])
+    assert read_record(out)["metrics"]["nll_iw"] == pytest.approx(together[name]["metrics"]["nll_iw"], rel=1e-5)
+
+
+def test_runs_that_cannot_be_members_train_one_by_one_and_say_why(tmp_path, capsys):
+    path = write_study(tmp_path, "gp", ["rae_gp"], seeds=(0, 1), epochs=1, batches=2)
+    assert run_study(path, tmp_path / "r", tmp_path / "w", "--wandb", "disabled", "--members", "auto") == 0
+    records = records_of(tmp_path / "r", "gp")
+    assert len(records) == 2 and all("members" not in r["timings"] for r in records.values())
+    # in the group's log.txt (on the console under pytest, which holds sys.stderr)
+    said = (tmp_path / "w" / "gp" / f"{DATASET}-rae_gp-s0" / "log.txt").read_text() + capsys.readouterr().err
+    assert "training 2 run(s) one by one: RAE's decoder_reg gp differentiates through the decoder" in said
+
+
+def test_members_run_in_one_process_on_one_device(tmp_path):
+    path = write_study(tmp_path, "m", ["vae"])
+    for extra in (["--devices", "2"], ["--executor", "submitit-local"]):
+        with pytest.raises(study_mod.UsageError, match="--members trains each group in this process"):
+            run_study(path, tmp_path / "r", tmp_path / "w", "--members", "auto", *extra)
+    with pytest.raises(study_mod.UsageError, match="--members 0: give auto or a positive number"):
+        run_study(path, tmp_path / "r", tmp_path / "w", "--members", "0")
+    assert not (tmp_path / "r").exists()
+
+
 def test_evaluate_rejects_a_file_that_is_not_a_checkpoint(tmp_path):
     from benchmark.errors import UsageError
     from benchmark.cli import evaluate_main
