@@ -1,11 +1,14 @@
 """Training wall time of S runs of one variant as members against the same S runs one after another.
 
     python -m benchmark.perf.members_speed --variants ae,vae,wae_mmd --members 8 --epochs 5
+    python -m benchmark.perf.members_speed --study configs/studies/quick.yaml --variants ae,vae --members 4
 
 Each run is the quick study's (digits, dynamically binarised, the digits network; seeds 0..S-1), built as a
 study builds it; only ``Trainer.fit`` is timed, the same trainer for both (no logger, no checkpoints, no
 progress bar). Prints per variant the separate runs' wall, the members' wall, their ratio and the aggregate
-training images per second of each.
+training images per second of each. With ``--study``: that study with seeds 0..S-1 run by ``latent-bench run``
+with and without ``--members auto`` (evaluation included), the wall of each and the training and evaluation
+seconds its records hold.
 """
 
 from __future__ import annotations
@@ -39,6 +42,39 @@ def timed_fit(module, epochs: int, accelerator: str, datamodule=None) -> float:
     return time.perf_counter() - start
 
 
+def study_walls(args) -> None:
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    import yaml
+
+    from benchmark.records import load_records
+    from benchmark.study import load_study
+
+    study = {**load_study(args.study), "seeds": list(range(args.members)), "variants": args.variants.split(","),
+             "configs": str(CONFIGS)}
+    print(f"{args.study} with seeds 0-{args.members - 1}, variants {args.variants}; 2 CPU threads, W&B disabled")
+    print("| runs | --members | wall s | train s (records) | evaluate s (records) |\n| --- | --- | --- | --- | --- |")
+    walls = {}
+    for members in ("1", "auto"):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "study.yaml"
+            path.write_text(yaml.safe_dump(study))
+            cmd = [sys.executable, "-m", "benchmark.cli", "run", str(path), "--members", members, "--wandb",
+                   "disabled", "--results", f"{tmp}/results", "--work-dir", f"{tmp}/runs"]
+            start = time.perf_counter()
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+            walls[members] = time.perf_counter() - start
+            records = [r for r in load_records(Path(tmp) / "results") if r["status"] == "finished"]
+            # a group's runs share one training: count its seconds once
+            train = sum(t for _, t in {(r["variant"], r["timings"]["train_s"]) for r in records})
+            print(f"| {len(records)} | {members} | {walls[members]:.0f} | {train:.0f} | "
+                  f"{sum(r['timings']['evaluate_s'] for r in records):.0f} |", flush=True)
+    print(f"wall with members / without: {walls['auto'] / walls['1']:.2f}")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--variants", default="ae,vae,wae_mmd")
@@ -46,9 +82,12 @@ def main(argv=None):
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--data", default="digits_binary", help="a configs/data YAML")
     p.add_argument("--accelerator", default="cpu")
+    p.add_argument("--study", default=None, help="a study YAML to run with and without --members auto")
     args = p.parse_args(argv)
     if args.members < 1 or args.epochs < 1:
         p.error("--members and --epochs must be positive integers")
+    if args.study:
+        return study_walls(args)
     print(f"| variant | S | separate s | members s | members / separate | separate img/s | members img/s |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for variant in args.variants.split(","):
@@ -56,7 +95,8 @@ def main(argv=None):
         for seed in range(args.members):
             model, data, _ = build(variant, seed, args.data, args.accelerator)
             separate += timed_fit(model, args.epochs, args.accelerator, data)
-        images = args.members * args.epochs * len(data.splits["train"]) // data.hparams.batch_size * data.hparams.batch_size
+        batch = data.hparams.batch_size
+        images = args.members * args.epochs * (len(data.splits["train"]) // batch * batch)  # full batches only
         members = Members(*zip(*(build(variant, seed, args.data, args.accelerator) for seed in range(args.members))))
         together = timed_fit(members, args.epochs, args.accelerator)
         print(f"| {variant} | {args.members} | {separate:.1f} | {together:.1f} | {together / separate:.2f} | "
