@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# One prepared GPU session, sized for one call of about 7 minutes: seed 0 of the headline study on the GPU
+# The GPU checks in one job of about 8 minutes on one GPU: seed 0 of the headline study on the GPU
 # (its 11 runs side by side on the card; the whole study is 3 seeds), the throughput of the suite against a
-# plain loop (and with 4 optimiser steps per training_step), eager, compiled and in bf16, then where
-# training still waits on the GPU. Its timeouts add up to 430 s. Expects, in .device/
+# plain loop (and with 4 optimiser steps per training_step), eager, compiled and in bf16, 8 runs of the MLP VAE
+# as members against the same 8 one by one, then where training still waits on the GPU. Its timeouts add up
+# to 520 s. Expects, in .device/
 # (not tracked): mnist.pkl.gz and cache/ (the domain FID extractor and reference statistics, made on the
 # CPU); and wheels in .whl/ for packages the GPU image lacks. Writes everything to $OUT (or ./gpu-out).
 set -uo pipefail
@@ -35,6 +36,10 @@ for opt in --compile "--precision bf16-mixed"; do
     --train-size 10000 --models vae-mlp $opt 2>&1 | grep -v -i "warn\|LOCAL_RANK\|available\|stopped\|tip" \
     | tee -a "$OUT/throughput_options.txt"
 done
+# 8 runs (seeds) of the MLP VAE on binarised MNIST as one batched model, against the same runs one by one
+timeout "${MEMBERS_TIMEOUT:-90}" python3 -m benchmark.perf.members_speed --data mnist_binary \
+  --data-path .device/mnist.pkl.gz --accelerator gpu --variants vae --members 8 --epochs 1 2>&1 \
+  | grep "^|" | tee "$OUT/members.txt"
 # where a training epoch still waits on the GPU (torch's sync debug mode, grouped by the calling line)
 timeout "${SYNC_TIMEOUT:-30}" python3 -m benchmark.perf.throughput --data .device/mnist.pkl.gz --train-size 10000 \
   --models vae-mlp,ae-mlp --host-syncs 2>&1 | grep -v -i "warn\|LOCAL_RANK\|available\|stopped\|tip" | tee "$OUT/host_syncs.txt"

@@ -23,10 +23,10 @@ from benchmark.members import Members, rng_state
 from benchmark.perf.scaling import CONFIGS
 
 
-def build(variant: str, seed: int, data: str, accelerator: str):
+def build(variant: str, seed: int, data: str, accelerator: str, path: str | None = None):
     args = ["--config", str(CONFIGS / "trainer" / "cpu.yaml"), "--config", str(CONFIGS / "model" / f"{variant}.yaml"),
             "--config", str(CONFIGS / "data" / f"{data}.yaml"), "--seed_everything", str(seed),
-            "--data.seed", str(seed), "--trainer.accelerator", accelerator]
+            "--data.seed", str(seed), "--trainer.accelerator", accelerator, *(["--data.path", path] if path else [])]
     cli = build_cli(args, run=False, save_config_callback=None)
     return cli.model, cli.datamodule, rng_state()
 
@@ -81,6 +81,7 @@ def main(argv=None):
     p.add_argument("--members", type=int, default=8, help="S, runs of each variant")
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--data", default="digits_binary", help="a configs/data YAML")
+    p.add_argument("--data-path", default=None, help="the data's local file, e.g. mnist.pkl.gz for --data mnist_binary")
     p.add_argument("--accelerator", default="cpu")
     p.add_argument("--study", default=None, help="a study YAML to run with and without --members auto")
     args = p.parse_args(argv)
@@ -93,11 +94,12 @@ def main(argv=None):
     for variant in args.variants.split(","):
         separate = 0.0
         for seed in range(args.members):
-            model, data, _ = build(variant, seed, args.data, args.accelerator)
+            model, data, _ = build(variant, seed, args.data, args.accelerator, args.data_path)
             separate += timed_fit(model, args.epochs, args.accelerator, data)
         batch = data.hparams.batch_size
         images = args.members * args.epochs * (len(data.splits["train"]) // batch * batch)  # full batches only
-        members = Members(*zip(*(build(variant, seed, args.data, args.accelerator) for seed in range(args.members))))
+        members = Members(*zip(*(build(variant, seed, args.data, args.accelerator, args.data_path)
+                                 for seed in range(args.members))))
         together = timed_fit(members, args.epochs, args.accelerator)
         print(f"| {variant} | {args.members} | {separate:.1f} | {together:.1f} | {together / separate:.2f} | "
               f"{images / separate:,.0f} | {images / together:,.0f} |", flush=True)
