@@ -157,10 +157,12 @@ def run_members(specs: list[RunSpec], progress: Progress, size: int | None):
                 progress.finish(spec.name, record)
 
 
-def run_workers(specs: list[RunSpec], slots: list[str], progress: Progress, run=None):
+def run_workers(specs: list[RunSpec], slots: list[str], progress: Progress, run=None, members: int = 1):
     """Side by side: one long-lived worker process per device slot (a GPU index, or a share of the CPU cores)
     takes runs one after another, so Python, torch and Lightning load once per slot, not once per run. A
-    worker that dies takes only its current run with it: that run is recorded as failed, the slot restarts."""
+    worker that dies takes only its current run with it: that run is recorded as failed, the slot restarts.
+    With ``members`` other than 1 a slot takes a group of runs at a time and trains it as members
+    (``member_groups``; None: groups of any size)."""
     ctx = multiprocessing.get_context("spawn")  # a fork would copy this process's torch threads and CUDA state
     # A worker killed mid-run (Ctrl-C, a crash) leaves its semaphores (tqdm's lock) to the resource tracker,
     # which removes them and warns on the console after the study's last line; the tracker takes its warning
@@ -169,7 +171,8 @@ def run_workers(specs: list[RunSpec], slots: list[str], progress: Progress, run=
     if quiet not in sys.warnoptions:
         sys.warnoptions.append(quiet)
     threads = max(1, (os.cpu_count() or 1) // len(slots))  # the cores are shared by every slot
-    pending, workers, running = list(specs), {}, {}  # slot -> (process, pipe); slot -> spec
+    pending = [[spec] for spec in specs] if members == 1 else member_groups(specs, members)
+    workers, running = {}, {}  # slot -> (process, pipe); slot -> the runs it trains
     try:
         while pending or running:
             for i, slot in enumerate(slots):
@@ -181,11 +184,13 @@ def run_workers(specs: list[RunSpec], slots: list[str], progress: Progress, run=
                     proc.start()
                     there.close()
                     workers[i] = (proc, here)
-                spec = running[i] = pending.pop(0)
-                spec.run_dir.mkdir(parents=True, exist_ok=True)
-                workers[i][1].send(asdict(spec))
-                progress.running = len(running)
-                progress.event(spec.name, f"started on {'cpu' if slot == 'cpu' else 'cuda:' + slot}")
+                group = running[i] = pending.pop(0)
+                for spec in group:
+                    spec.run_dir.mkdir(parents=True, exist_ok=True)
+                workers[i][1].send([asdict(spec) for spec in group])
+                progress.running = sum(map(len, running.values()))
+                more = f" with {len(group) - 1} more as members" if len(group) > 1 else ""
+                progress.event(group[0].name, f"started on {'cpu' if slot == 'cpu' else 'cuda:' + slot}{more}")
             busy = [workers[i][1] for i in running] + [workers[i][0].sentinel for i in running]
             multiprocessing.connection.wait(busy)
             for i in list(running):
@@ -197,9 +202,10 @@ def run_workers(specs: list[RunSpec], slots: list[str], progress: Progress, run=
                 except EOFError:  # the worker died mid-run (killed, out of memory, a crash in native code)
                     proc.join()
                     error = f"worker exited with {proc.exitcode}"
-                spec = running.pop(i)
-                progress.running = len(running)
-                _report(spec, error, progress)
+                group = running.pop(i)
+                for spec in group:
+                    progress.running = sum(map(len, running.values()))
+                    _report(spec, error, progress, group[0].log_path)
     except BaseException:  # interrupted: the runs stop now, and resume from their checkpoints on a rerun
         for proc, _ in workers.values():
             proc.kill()
@@ -214,10 +220,10 @@ def run_workers(specs: list[RunSpec], slots: list[str], progress: Progress, run=
                 proc.kill()
 
 
-def _report(spec: RunSpec, error: str | None, progress: Progress):
+def _report(spec: RunSpec, error: str | None, progress: Progress, log: Path | None = None):
     from benchmark.records import read_record
 
-    log = spec.log_path
+    log = log or spec.log_path
     if error is None and spec.record_path.exists():
         progress.finish(spec.name, read_record(spec.record_path))
     else:  # the run raised before its record (a bad config) or its process died: nobody else records it
@@ -239,13 +245,18 @@ def _slot_worker(slot: str, threads: int, pipe, run=None):
     torch.set_num_threads(threads)
     if run is None:
         from benchmark.runner import train_and_evaluate as run
-    while (spec := pipe.recv()) is not None:
-        spec = RunSpec(**spec)
+    while (group := pipe.recv()) is not None:
+        group = [RunSpec(**spec) for spec in group]
         error = None
-        with _output_to(spec.log_path):
+        with _output_to(group[0].log_path):
             try:
-                run(spec)
-            except Exception as e:  # a bad config (UsageError) fails this run only; the study goes on
+                if len(group) == 1:
+                    run(group[0])
+                else:
+                    from benchmark.runner import train_members_and_evaluate
+
+                    train_members_and_evaluate(group)
+            except Exception as e:  # a bad config (UsageError) fails these runs only; the study goes on
                 traceback.print_exc()
                 error = failure_reason(e)
         pipe.send(error)

@@ -406,9 +406,9 @@ def _run(study_path, results, work_dir, devices, per_device, executor, slurm, wa
             todo.append(spec)
     slots = parse_devices(devices)
     group_size = parse_members(members)
-    if group_size != 1 and (executor != "local" or (slots and len(slots) * per_device > 1)):
-        raise UsageError("--members trains each group in this process, on one device: drop --devices, "
-                         "--per-device and --executor, or --members")
+    if group_size != 1 and executor != "local":
+        raise UsageError("--members trains each group in one process, here or in a worker slot: drop --executor "
+                         "or --members")
     if per_device < 1:
         raise UsageError(f"--per-device {per_device}: give a positive number of runs per device")
     slots = [s for s in slots for _ in range(per_device)] if slots else None
@@ -421,12 +421,12 @@ def _run(study_path, results, work_dir, devices, per_device, executor, slurm, wa
     check_runs(todo, results, work_dir)
     previous = signal.signal(signal.SIGINT, _interrupt)  # Lightning would turn a KeyboardInterrupt into exit(1)
     try:
-        if group_size != 1:
-            run_members(todo, progress, group_size)
-        elif executor != "local":
+        if executor != "local":
             run_submitit(todo, "local" if executor == "submitit-local" else "slurm", work_dir, progress, slurm)
         elif slots and len(slots) > 1:
-            run_workers(todo, slots, progress)
+            run_workers(todo, slots, progress, members=group_size)
+        elif group_size != 1:
+            run_members(todo, progress, group_size)
         else:
             run_sequential(todo, progress)
     finally:

@@ -354,7 +354,12 @@ def test_workers_end_with_a_killed_study_instead_of_training_on_as_orphans(tmp_p
             line = proc.stdout.readline()
             assert line, "the study ended before both runs started"
             started += "started on cpu" in line
-        workers = [pid for pid in _children(proc.pid) if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text()]
+        deadline = time.monotonic() + 10  # a worker just started may still be exec'ing into Python
+        while True:
+            workers = [pid for pid in _children(proc.pid) if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text()]
+            if len(workers) == 2 or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
         assert len(workers) == 2, workers
         time.sleep(3)  # the workers are into their runs
         proc.kill()  # SIGKILL: the study's process gets no chance to stop its workers itself
@@ -563,11 +568,20 @@ def test_runs_that_cannot_be_members_train_one_by_one_and_say_why(tmp_path, caps
     assert "training 2 run(s) one by one: RAE's decoder_reg gp differentiates through the decoder" in said
 
 
-def test_members_run_in_one_process_on_one_device(tmp_path):
+def test_worker_slots_take_a_group_of_members_each(tmp_path, capsys):
+    """``--devices 2 --members 2``: four seeds in two groups, one per slot, each run recorded as a member."""
+    path = write_study(tmp_path, "slots", ["vae"], seeds=(0, 1, 2, 3), epochs=1, batches=2)
+    assert run_study(path, tmp_path / "r", tmp_path / "w", "--wandb", "disabled", "--devices", "2",
+                     "--members", "2") == 0
+    records = records_of(tmp_path / "r", "slots")
+    assert len(records) == 4 and all(r["timings"]["members"] == 2 for r in records.values())
+    assert len([line for line in progress_lines(capsys.readouterr().out) if "with 1 more as members" in line]) == 2
+
+
+def test_members_train_in_one_process(tmp_path):
     path = write_study(tmp_path, "m", ["vae"])
-    for extra in (["--devices", "2"], ["--executor", "submitit-local"]):
-        with pytest.raises(study_mod.UsageError, match="--members trains each group in this process"):
-            run_study(path, tmp_path / "r", tmp_path / "w", "--members", "auto", *extra)
+    with pytest.raises(study_mod.UsageError, match="--members trains each group in one process"):
+        run_study(path, tmp_path / "r", tmp_path / "w", "--members", "auto", "--executor", "submitit-local")
     with pytest.raises(study_mod.UsageError, match="--members 0: give auto or a positive number"):
         run_study(path, tmp_path / "r", tmp_path / "w", "--members", "0")
     assert not (tmp_path / "r").exists()
