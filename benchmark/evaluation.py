@@ -253,7 +253,8 @@ def evaluate(model: LatentVariableModel, datamodule, cfg: EvaluationConfig, make
                 "posthoc_posterior": "amortised full-covariance Gaussian from x, initialised at the encoder's own",
                 "nll_iw_proposal": "posthoc",
                 "likelihood_kind": kind, "levels": datamodule.levels, "dequantize": datamodule.hparams.dequantize,
-                "fid_extractor_meta": getattr(extractor, "meta", None) if extractor is not None else None}
+                "fid_extractor_meta": getattr(extractor, "meta", None) if extractor is not None else None,
+                "gmm_reg_covar": gmm.reg_covar if gmm is not None else None}  # 1e-3 where EM had to be refit
     return {"metrics": results, "validation": validation, "protocol": protocol, "timings": timings}
 
 

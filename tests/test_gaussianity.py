@@ -386,3 +386,13 @@ def test_metric_rejects_mixed_mu_and_forward():
         metric.update(codes("null", n=10))
     with pytest.raises(NotImplementedError):
         metric(codes("null", n=10))
+
+
+def test_a_gmm_whose_em_fails_is_refit_with_a_larger_covariance_floor_that_it_reports():
+    """Codes on a line, at a scale where sklearn's 1e-6 floor is below float64's resolution of the covariance:
+    EM fails, the refit's 1e-3 floor is reported by the fit (the record's protocol names it)."""
+    from benchmark.metrics.gaussianity import fit_gmm
+
+    z = np.random.default_rng(0).normal(size=(500, 1)) * 1e5
+    assert fit_gmm(np.concatenate([z, z], 1), 3, 0).reg_covar == 1e-3
+    assert fit_gmm(np.random.default_rng(0).normal(size=(500, 2)), 3, 0).reg_covar == 1e-6
