@@ -217,6 +217,12 @@ class Members(L.LightningModule):
                    "params": [stacked[names[id(p)]] for p in group["params"]]} for group in reference.param_groups]
         return type(reference)(groups, **reference.defaults)
 
+    def on_save_checkpoint(self, checkpoint):
+        checkpoint["member_states"] = self.states  # where each member's generator is: a resumed group goes on
+
+    def on_load_checkpoint(self, checkpoint):
+        self.states[:] = checkpoint["member_states"]  # in place: the loaders hold this list
+
     # --- the runs -------------------------------------------------------------------------------------
     @torch.no_grad()
     def members(self) -> list[LatentVariableModel]:

@@ -152,9 +152,10 @@ def train_members_and_evaluate(specs: list[RunSpec]) -> list[dict]:
     then evaluate and record each as its own run; runs that cannot be members (the reason is printed), and a
     group one of whose members diverges, train one by one. Returns the records.
 
-    Each member's checkpoint (``checkpoints/member.ckpt``) holds its model and data hyperparameters and its
-    weights, for ``latent-bench evaluate``; it holds no training state: a group stopped before its end trains
-    again from the start."""
+    The group checkpoints every epoch in its first run's folder (``checkpoints/members.ckpt``: the stacked
+    weights, Adam's moments, each member's generator state), and a rerun of the same group resumes from it.
+    Each member's own checkpoint (``checkpoints/member.ckpt``) holds its model and data hyperparameters and its
+    weights, for ``latent-bench evaluate``."""
     from benchmark.lightning_cli import build_cli
     from benchmark.members import Members, rng_state, why_not_members
 
@@ -171,7 +172,18 @@ def train_members_and_evaluate(specs: list[RunSpec]) -> list[dict]:
     members = Members([cli.model for _, cli, _ in built], [cli.datamodule for _, cli, _ in built],
                       [state for *_, state in built])
     first = built[0][1]
-    trainer = first.instantiate_trainer(logger=False, callbacks=[DivergenceGuard()], enable_checkpointing=False)
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    ckpt_dir = todo[0].run_dir / "checkpoints"
+    last, group_file = ckpt_dir / "members.ckpt", ckpt_dir / "members.json"
+    names = [spec.name for spec in todo]
+    # a checkpoint of another group (some of its runs have finished since) is not this group's start
+    resume = last.is_file() and group_file.is_file() and json.loads(group_file.read_text()) == names
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    write_json(group_file, names)
+    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="members", enable_version_counter=False)
+    trainer = first.instantiate_trainer(logger=False, callbacks=[checkpoint, DivergenceGuard()],
+                                        enable_checkpointing=True)
     device = _device_name(trainer)
     records = []
     for spec, cli, _ in built:
@@ -182,7 +194,7 @@ def train_members_and_evaluate(specs: list[RunSpec]) -> list[dict]:
         records.append(record)
     try:
         start = time.perf_counter()
-        trainer.fit(members)
+        trainer.fit(members, ckpt_path=str(last) if resume else None)
         train_s = time.perf_counter() - start
     except Diverged:
         print("a member diverged: the group's runs train one by one", file=sys.stderr, flush=True)
@@ -191,7 +203,7 @@ def train_members_and_evaluate(specs: list[RunSpec]) -> list[dict]:
     for (spec, cli, _), model, record in zip(built, members.members(), records):
         data = cli.datamodule
         record.timings = {"train_s": train_s, "train_images_per_s": images / train_s, "epochs": trainer.current_epoch,
-                          "resumed": False, "continued_from": None, "members": len(built)}
+                          "resumed": resume, "continued_from": None, "members": len(built)}
         _save_member(model, data, spec.run_dir / "checkpoints" / "member.ckpt", trainer)
         eval_cfg = EvaluationConfig(**{"seed": spec.seed, **spec.evaluation})
         logger, _ = _logger(spec, record.config)

@@ -31,8 +31,9 @@ def build(variant: str, seed: int, weight: float | None = None, data: str = "dig
 
 
 def trainer(**kw) -> L.Trainer:
-    return L.Trainer(accelerator="cpu", devices=1, max_epochs=EPOCHS, logger=False, enable_checkpointing=False,
-                     enable_progress_bar=False, enable_model_summary=False, **kw)
+    kw = {"max_epochs": EPOCHS, "enable_checkpointing": False, **kw}
+    return L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                     enable_model_summary=False, **kw)
 
 
 def same_to_rounding(p: torch.Tensor, q: torch.Tensor) -> bool:
@@ -124,3 +125,21 @@ def test_the_runs_that_cannot_be_members_are_named_with_the_reason():
     with pytest.raises(UsageError, match="cannot train as members: .*run them separately"):
         Members([vae0, vae1], [build("vae", 0)[1]] * 2, [build("vae", 0)[2]] * 2)
     assert why_not_members([vae0, build("vae", 1, 4.0)[0]]) is None  # seed and weight may differ
+
+
+def test_a_group_resumed_from_its_checkpoint_ends_where_an_uninterrupted_one_does(tmp_path):
+    """Stopped after one epoch and resumed for the second from the checkpoint (stacked parameters, Adam's
+    moments, each member's generator state), the members end bitwise where two uninterrupted epochs end."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def group():
+        return Members(*zip(*[build("vae", seed) for seed in (0, 1)]))
+
+    straight = group()
+    trainer().fit(straight)
+    first = group()
+    trainer(max_epochs=1, callbacks=[ModelCheckpoint(tmp_path, "last")], enable_checkpointing=True).fit(first)
+    resumed = group()  # a fresh process's group: its own states until the checkpoint's are loaded
+    trainer().fit(resumed, ckpt_path=str(tmp_path / "last.ckpt"))
+    for a, b in zip(straight.members(), resumed.members()):
+        assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))

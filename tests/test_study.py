@@ -568,6 +568,30 @@ def test_runs_that_cannot_be_members_train_one_by_one_and_say_why(tmp_path, caps
     assert "training 2 run(s) one by one: RAE's decoder_reg gp differentiates through the decoder" in said
 
 
+def test_a_group_whose_evaluation_failed_resumes_from_its_checkpoint_without_training_again(tmp_path, monkeypatch):
+    from benchmark import runner
+
+    path = write_study(tmp_path, "again", ["vae"], seeds=(0, 1), epochs=2, batches=3)
+    args = (path, tmp_path / "r", tmp_path / "w", "--wandb", "disabled", "--members", "auto")
+    evaluate_into = runner._evaluate_into
+
+    def crash(*a, **k):
+        raise RuntimeError("the machine went away")
+
+    monkeypatch.setattr(runner, "_evaluate_into", crash)
+    assert run_study(*args) == 1
+    assert {r["status"] for r in records_of(tmp_path / "r", "again").values()} == {"failed"}
+    monkeypatch.setattr(runner, "_evaluate_into", evaluate_into)
+    assert run_study(*args) == 0
+    records = records_of(tmp_path / "r", "again")
+    assert {r["status"] for r in records.values()} == {"finished"}
+    assert all(r["timings"]["resumed"] and r["timings"]["epochs"] == 2 for r in records.values())
+    # and the numbers are those of the group trained without the crash
+    assert run_study(path, tmp_path / "r2", tmp_path / "w2", "--wandb", "disabled", "--members", "auto") == 0
+    for name, record in records_of(tmp_path / "r2", "again").items():
+        assert record["metrics"]["nll_iw"] == pytest.approx(records[name]["metrics"]["nll_iw"], rel=1e-6)
+
+
 def test_worker_slots_take_a_group_of_members_each(tmp_path, capsys):
     """``--devices 2 --members 2``: four seeds in two groups, one per slot, each run recorded as a member."""
     path = write_study(tmp_path, "slots", ["vae"], seeds=(0, 1, 2, 3), epochs=1, batches=2)
