@@ -18,6 +18,7 @@ import signal
 import sys
 import threading
 import time
+import traceback
 from dataclasses import asdict
 from pathlib import Path
 
@@ -142,22 +143,27 @@ def run_members(specs: list[RunSpec], progress: Progress, size: int | None):
     process; each run's record as it would be alone. A group's output goes to its first run's log.txt."""
     from benchmark.runner import train_members_and_evaluate
 
+    groups = member_groups(specs, size)
+    run_sequential([g[0] for g in groups if len(g) == 1], progress)  # nothing to pack: as without members
     with lightning_info_on_stdout():
-        for group in member_groups(specs, size):
+        for group in [g for g in groups if len(g) > 1]:
             log = group[0].log_path
             group[0].run_dir.mkdir(parents=True, exist_ok=True)
             progress.running = len(group)
             progress.event(group[0].name, f"started with {len(group) - 1} more as members, output in {log}")
+            error = None
             with _output_to(log):
-                records = train_members_and_evaluate(group)
-            for spec, record in zip(group, records):
+                try:
+                    train_members_and_evaluate(group)
+                except Exception as e:  # a bad config (UsageError) fails these runs only; the study goes on
+                    traceback.print_exc()
+                    error = failure_reason(e)
+            for spec in group:
                 progress.running -= 1
-                if record["status"] == "failed":
-                    record = {**record, "reason": f"{record['reason']}; see {log}"}
-                progress.finish(spec.name, record)
+                _report(spec, error, progress, log)
 
 
-def run_workers(specs: list[RunSpec], slots: list[str], progress: Progress, run=None, members: int = 1):
+def run_workers(specs: list[RunSpec], slots: list[str], progress: Progress, run=None, members: int | None = 1):
     """Side by side: one long-lived worker process per device slot (a GPU index, or a share of the CPU cores)
     takes runs one after another, so Python, torch and Lightning load once per slot, not once per run. A
     worker that dies takes only its current run with it: that run is recorded as failed, the slot restarts.
@@ -224,8 +230,12 @@ def _report(spec: RunSpec, error: str | None, progress: Progress, log: Path | No
     from benchmark.records import read_record
 
     log = log or spec.log_path
-    if error is None and spec.record_path.exists():
-        progress.finish(spec.name, read_record(spec.record_path))
+    try:
+        record = read_record(spec.record_path) if spec.record_path.exists() else None
+    except ValueError:
+        record = None
+    if record is not None and (error is None or record.get("status") == "finished"):
+        progress.finish(spec.name, record)  # a member finished before its group's process failed
     else:  # the run raised before its record (a bad config) or its process died: nobody else records it
         from benchmark.runner import record_failure
 
@@ -234,8 +244,6 @@ def _report(spec: RunSpec, error: str | None, progress: Progress, log: Path | No
 
 def _slot_worker(slot: str, threads: int, pipe, run=None):
     """A worker's loop: take a run, do it with its output in the run's log.txt, say how it ended."""
-    import traceback
-
     _exit_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the parent ends the runs
     import torch

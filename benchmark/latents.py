@@ -1,9 +1,10 @@
 """Posteriors q(z|x): heads that turn the encoder's output h into a ``torch.distributions`` object.
 
-Every variant's encoder flows through the same path, ``qz_x = head(h)``, ``z = qz_x.rsample()``; a
-deterministic encoder is a ``Delta`` posterior, a mean-only encoder a ``Normal`` of fixed scale. KL to the
-prior goes through ``kl_divergence``, so a new posterior only needs its KL registered (or falls back to
-Monte Carlo in ``kl``).
+Every variant's encoder flows through the same path, ``qz_x = head(h)``, ``z = reparametrize(qz_x, eps)``
+with the step's standard-normal eps (``qz_x.rsample()`` for a deterministic head); a deterministic encoder is a
+``Delta`` posterior, a mean-only encoder a ``Normal`` of fixed scale. A new posterior needs its
+reparametrisation registered (``register_reparametrization``; a subclass of a registered class inherits it) and
+its KL to the prior (``register_kl``, or the Monte Carlo fallback in ``kl``).
 
 Distributions are built with ``validate_args=False``. Their arguments come from the heads below (a softplus
 plus a floor for every scale), and each check reads its result back to the host: on a GPU, a synchronisation

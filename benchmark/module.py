@@ -101,7 +101,8 @@ class LatentVariableModel(L.LightningModule):
 
     def regularizer(self, z: Tensor, qz_x: Distribution, x_out: Tensor, noise: tuple[Tensor, ...] = ()) -> Tensor:
         """The variant's penalty on the batch's codes z (B, D), scalar, given the draws ``regularizer_noise``
-        made for it. None for the plain autoencoder."""
+        made for it (passed only where it made some, so a variant that draws none may leave ``noise`` out).
+        None for the plain autoencoder."""
         return z.new_zeros(())
 
     def regularizer_noise(self, like: Tensor) -> tuple[Tensor, ...]:
@@ -150,7 +151,8 @@ class LatentVariableModel(L.LightningModule):
         z = qz_x.rsample() if eps is None else reparametrize(qz_x, eps)  # (B, D)
         x_out = self.decoder(z)
         distortion = -self.likelihood(x_out).log_prob(x).mean()  # nats per image
-        return distortion, self.regularizer(z, qz_x, x_out, reg_noise), self.decoder_regularizer(z, x_out)
+        reg = self.regularizer(z, qz_x, x_out, reg_noise) if reg_noise else self.regularizer(z, qz_x, x_out)
+        return distortion, reg, self.decoder_regularizer(z, x_out)
 
     def objective(self, x: Tensor, noise: tuple | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """(loss, distortion, regulariser) of a batch, each a scalar: the objective trained on, and its parts."""

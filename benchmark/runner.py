@@ -64,11 +64,8 @@ def train_and_evaluate(spec: RunSpec) -> dict:
     fails or diverges: that is recorded as such, so a study goes on."""
     from benchmark.lightning_cli import build_cli
 
-    try:
-        previous = read_record(spec.record_path) if spec.record_path.exists() else None
-    except ValueError:  # not a run record (empty, hand-edited): rerun; write_record replaces it
-        previous = None
-    if previous is not None and previous.get("status") == FINISHED:
+    previous = _finished(spec)
+    if previous is not None:
         return previous
     cli = build_cli(spec.cli_args(), run=False, save_config_callback=None)  # UsageError propagates: bad input stops the study
     model, data = cli.model, cli.datamodule
@@ -80,10 +77,6 @@ def train_and_evaluate(spec: RunSpec) -> dict:
         print(offline, file=sys.stderr, flush=True)
     ckpt_dir = spec.run_dir / "checkpoints"
     counter = ImageCount()
-
-    def make_trainer(**overrides):  # the run's trainer config, progress bar included, without its callbacks
-        return cli.instantiate_trainer(**{"logger": False, "callbacks": [], "enable_checkpointing": False,
-                                          **overrides})
 
     trainer = cli.instantiate_trainer(logger=logger, callbacks=run_callbacks(ckpt_dir, counter))
     record = RunRecord.of(spec, config=config, code=code_version(), env=environment(), device=_device_name(trainer),
@@ -104,7 +97,7 @@ def train_and_evaluate(spec: RunSpec) -> dict:
         images = counter.images * trainer.world_size
         record.timings = {"train_s": train_s, "train_images_per_s": images / train_s if images else None,
                              "epochs": trainer.current_epoch, "resumed": resumed, "continued_from": continued}
-        _evaluate_into(record, model, data, eval_cfg, make_trainer, trainer)
+        _evaluate_into(record, model, data, eval_cfg, _evaluation_trainer(cli), trainer)
     except Diverged as e:
         record.status, record.reason, record.diverged_step = DIVERGED, str(e), e.step
     except UsageError:
@@ -150,48 +143,62 @@ def _write(record: RunRecord, spec: RunSpec, model, data, eval_cfg: EvaluationCo
 def train_members_and_evaluate(specs: list[RunSpec]) -> list[dict]:
     """Train runs of one variant that differ in seed and weight as one batched model (``benchmark.members``),
     then evaluate and record each as its own run; runs that cannot be members (the reason is printed), and a
-    group one of whose members diverges, train one by one. Returns the records.
+    group one of whose members diverges, train one by one. Never raises for a group that fails: each of its
+    runs is recorded as failed. Returns the records.
 
     The group checkpoints every epoch in its first run's folder (``checkpoints/members.ckpt``: the stacked
-    weights, Adam's moments, each member's generator state), and a rerun of the same group resumes from it.
-    Each member's own checkpoint (``checkpoints/member.ckpt``) holds its model and data hyperparameters and its
-    weights, for ``latent-bench evaluate``."""
+    weights, Adam's moments, each member's generator state), and a rerun of the same runs under the same
+    protocols resumes from it. Each member's own checkpoint (``checkpoints/member.ckpt``) holds its model and data
+    hyperparameters and its weights, for ``latent-bench evaluate``. Members train each budget of a ladder from
+    the start (the same numbers as continuing the budget below) and log no training curves to W&B, only each
+    run's final summary."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
     from benchmark.lightning_cli import build_cli
     from benchmark.members import Members, rng_state, why_not_members
 
-    done = {s.name: read_record(s.record_path) for s in specs if _finished_record(s)}
+    done = {s.name: r for s in specs if (r := _finished(s)) is not None}
     todo = [s for s in specs if s.name not in done]
     built = []
     for spec in todo:  # each run built as it would be alone, its generators' state taken where its fit would start
         cli = build_cli(spec.cli_args(), run=False, save_config_callback=None)
-        built.append((spec, cli, rng_state()))
-    why = why_not_members([cli.model for _, cli, _ in built]) if len(built) > 1 else "one run to train"
+        eval_cfg = EvaluationConfig(**{"seed": spec.seed, **spec.evaluation})
+        check_extractor(eval_cfg)
+        built.append((spec, cli, eval_cfg, rng_state()))
+    why = (why_not_members([cli.model for _, cli, *_ in built]) or _coupling(built[0][1])) if len(built) > 1 \
+        else "one run to train"
     if why is not None:
         print(f"training {len(todo)} run(s) one by one: {why}", file=sys.stderr, flush=True)
         return [train_and_evaluate(s) for s in specs]
-    members = Members([cli.model for _, cli, _ in built], [cli.datamodule for _, cli, _ in built],
+    members = Members([cli.model for _, cli, *_ in built], [cli.datamodule for _, cli, *_ in built],
                       [state for *_, state in built])
     first = built[0][1]
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
     ckpt_dir = todo[0].run_dir / "checkpoints"
     last, group_file = ckpt_dir / "members.ckpt", ckpt_dir / "members.json"
-    names = [spec.name for spec in todo]
-    # a checkpoint of another group (some of its runs have finished since) is not this group's start
-    resume = last.is_file() and group_file.is_file() and json.loads(group_file.read_text()) == names
+    group = {spec.name: spec.digest for spec in todo}  # the runs, each under its protocol
+    resume = last.is_file() and group_file.is_file() and json.loads(group_file.read_text()) == group
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    write_json(group_file, names)
+    if not resume:
+        last.unlink(missing_ok=True)  # another group's, or another protocol's: never this group's start
+    write_json(group_file, group)
+    counter = ImageCount()  # one count a step: a step is one batch of every member
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="members", enable_version_counter=False)
-    trainer = first.instantiate_trainer(logger=False, callbacks=[checkpoint, DivergenceGuard()],
+    trainer = first.instantiate_trainer(logger=False, callbacks=[checkpoint, DivergenceGuard(), counter],
                                         enable_checkpointing=True)
     device = _device_name(trainer)
-    records = []
-    for spec, cli, _ in built:
+    records, loggers = [], []
+    for spec, cli, *_ in built:
         spec.run_dir.mkdir(parents=True, exist_ok=True)
         write_json(spec.protocol_path, {"digest": spec.digest, "protocol": spec.protocol()})
-        record = RunRecord.of(spec, config=_config(cli), code=code_version(), env=environment(), device=device)
+        config = _config(cli)
+        logger, offline = _logger(spec, config)
+        if offline:
+            print(offline, file=sys.stderr, flush=True)
+        record = RunRecord.of(spec, config=config, code=code_version(), env=environment(), device=device,
+                              wandb_offline=offline)
         write_record(spec.record_path, record)
         records.append(record)
+        loggers.append(logger)
     try:
         start = time.perf_counter()
         trainer.fit(members, ckpt_path=str(last) if resume else None)
@@ -199,35 +206,55 @@ def train_members_and_evaluate(specs: list[RunSpec]) -> list[dict]:
     except Diverged:
         print("a member diverged: the group's runs train one by one", file=sys.stderr, flush=True)
         return [train_and_evaluate(s) for s in specs]
-    images = len(built) * trainer.num_training_batches * trainer.current_epoch * first.datamodule.hparams.batch_size
-    for (spec, cli, _), model, record in zip(built, members.members(), records):
+    except UsageError:
+        raise
+    except Exception as e:  # the group's runs are recorded as failed; the study goes on
+        for (spec, cli, eval_cfg, _), record, logger in zip(built, records, loggers):
+            _record_error(record, e, members, trainer)
+            _write(record, spec, cli.model, cli.datamodule, eval_cfg, logger)
+            done[spec.name] = record.as_dict()
+        return [done[s.name] for s in specs]
+    images = counter.images * first.datamodule.hparams.batch_size * len(built)  # full batches: drop_last
+    for (spec, cli, eval_cfg, _), model, record, logger in zip(built, members.members(), records, loggers):
         data = cli.datamodule
-        record.timings = {"train_s": train_s, "train_images_per_s": images / train_s, "epochs": trainer.current_epoch,
-                          "resumed": resume, "continued_from": None, "members": len(built)}
+        record.timings = {"train_s": train_s, "train_images_per_s": images / train_s if images else None,
+                          "epochs": trainer.current_epoch, "resumed": resume, "continued_from": None,
+                          "members": len(built)}
         _save_member(model, data, spec.run_dir / "checkpoints" / "member.ckpt", trainer)
-        eval_cfg = EvaluationConfig(**{"seed": spec.seed, **spec.evaluation})
-        logger, _ = _logger(spec, record.config)
-
-        def make_trainer(**overrides):
-            return cli.instantiate_trainer(**{"logger": False, "callbacks": [], "enable_checkpointing": False,
-                                              **overrides})
-
         try:
-            _evaluate_into(record, model, data, eval_cfg, make_trainer, trainer)
-        except UsageError:
-            raise
-        except Exception as e:
+            _evaluate_into(record, model, data, eval_cfg, _evaluation_trainer(cli), trainer)
+        except Exception as e:  # as a run alone: recorded, and the other members are still evaluated
             _record_error(record, e, model, trainer)
         _write(record, spec, model, data, eval_cfg, logger)
         done[spec.name] = record.as_dict()
     return [done[s.name] for s in specs]
 
 
-def _finished_record(spec: RunSpec) -> bool:
+def _coupling(cli) -> str | None:
+    """Trainer settings that would tie members' updates together, so that they are not the runs alone."""
+    t = cli.config.trainer
+    if t.get("gradient_clip_val"):
+        return "gradient clipping by norm would clip every member by the norm of all of them"
+    if "16" in str(t.get("precision")) and "bf16" not in str(t.get("precision")):
+        return "float16's loss scaler would skip every member's step when one of them overflows"
+    return None
+
+
+def _evaluation_trainer(cli):
+    """The run's trainer config, progress bar included, without its callbacks, for the evaluation's passes."""
+    def make_trainer(**overrides):
+        return cli.instantiate_trainer(**{"logger": False, "callbacks": [], "enable_checkpointing": False,
+                                          **overrides})
+    return make_trainer
+
+
+def _finished(spec: RunSpec) -> dict | None:
+    """The run's finished record, or None (no record, another status, or a file that is not a record)."""
     try:
-        return spec.record_path.exists() and read_record(spec.record_path).get("status") == FINISHED
-    except ValueError:
-        return False
+        record = read_record(spec.record_path) if spec.record_path.exists() else None
+    except ValueError:  # not a run record (empty, hand-edited): rerun; write_record replaces it
+        return None
+    return record if record is not None and record.get("status") == FINISHED else None
 
 
 def _config(cli) -> dict:

@@ -342,8 +342,6 @@ def test_the_committed_records_of_a_resumable_study_match_its_current_protocol(f
     """A rerun of these studies into their committed folder resumes the grid: each record's fingerprint is the
     one its study expands to today. A config edit that changes it (a trainer, a default) fails here, not as a
     'written by another protocol' refusal in a user's rerun."""
-    import json
-
     records = sorted((REPO / folder).glob("*.json"))
     assert records, f"no records in {folder}"
     study = load_study(CONFIGS / "studies" / f"{Path(folder).name}.yaml")

@@ -586,10 +586,45 @@ def test_a_group_whose_evaluation_failed_resumes_from_its_checkpoint_without_tra
     records = records_of(tmp_path / "r", "again")
     assert {r["status"] for r in records.values()} == {"finished"}
     assert all(r["timings"]["resumed"] and r["timings"]["epochs"] == 2 for r in records.values())
+    # a rerun under another protocol never continues that checkpoint: it trains afresh
+    monkeypatch.setattr(runner, "_evaluate_into", crash)
+    assert run_study(path, tmp_path / "r3", tmp_path / "w", "--wandb", "disabled", "--members", "auto") == 1
+    monkeypatch.setattr(runner, "_evaluate_into", evaluate_into)
+    assert run_study(path, tmp_path / "r3", tmp_path / "w", "--wandb", "disabled", "--members", "auto",
+                     "--set", "trainer.max_epochs=3") == 0
+    assert all(not r["timings"]["resumed"] and r["timings"]["epochs"] == 3
+               for r in records_of(tmp_path / "r3", "again").values())
     # and the numbers are those of the group trained without the crash
     assert run_study(path, tmp_path / "r2", tmp_path / "w2", "--wandb", "disabled", "--members", "auto") == 0
     for name, record in records_of(tmp_path / "r2", "again").items():
         assert record["metrics"]["nll_iw"] == pytest.approx(records[name]["metrics"]["nll_iw"], rel=1e-6)
+
+
+def test_member_groups_join_only_runs_that_differ_in_seed_and_weight(tmp_path):
+    study = {"name": "g", "configs": str(CONFIGS), "trainer": "cpu", "datasets": [DATASET],
+             "variants": ["vae", "ae"], "seeds": [0, 1], "budgets": [1, 2],
+             "sweep": {"vae": {"model.init_args.weight": [0.5, 1.0]}, "ae": {"model.init_args.latent_dim": [4, 8]}}}
+    specs = study_mod.expand(study, tmp_path / "r", tmp_path / "w", "disabled")
+    groups = executors.member_groups(specs, None)
+    # vae: seeds x weights in one group per budget; ae: its latent_dim sweep is not a member key
+    assert sorted(len(g) for g in groups) == [2, 2, 2, 2, 4, 4]
+    for group in groups:
+        assert len({(s.variant, s.budget, s.overrides.get("model.init_args.latent_dim")) for s in group}) == 1
+    assert sorted(map(len, executors.member_groups(specs, 3))) == [1, 1, 2, 2, 2, 2, 3, 3]
+
+
+def test_a_group_whose_training_fails_records_each_run_failed_and_the_study_goes_on(tmp_path, monkeypatch):
+    from benchmark.members import Members
+
+    def broken(self, batch, batch_idx):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(Members, "training_step", broken)
+    path = write_study(tmp_path, "oom", ["vae", "ae"], seeds=(0, 1), epochs=1, batches=2)
+    assert run_study(path, tmp_path / "r", tmp_path / "w", "--wandb", "disabled", "--members", "auto") == 1
+    records = records_of(tmp_path / "r", "oom")
+    assert len(records) == 4 and {r["status"] for r in records.values()} == {"failed"}
+    assert all("CUDA out of memory" in r["reason"] for r in records.values())
 
 
 def test_worker_slots_take_a_group_of_members_each(tmp_path, capsys):

@@ -89,7 +89,7 @@ def main(argv=None):
         p.error("--members and --epochs must be positive integers")
     if args.study:
         return study_walls(args)
-    print(f"| variant | S | separate s | members s | members / separate | separate img/s | members img/s |")
+    print("| variant | S | separate s | members s | members / separate | separate img/s | members img/s |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for variant in args.variants.split(","):
         separate = 0.0
