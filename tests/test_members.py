@@ -143,3 +143,18 @@ def test_a_group_resumed_from_its_checkpoint_ends_where_an_uninterrupted_one_doe
     trainer().fit(resumed, ckpt_path=str(tmp_path / "last.ckpt"))
     for a, b in zip(straight.members(), resumed.members()):
         assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+@pytest.mark.parametrize("flag, value, reason", [("gradient_clip_val", "1.0", "clipping by norm"),
+                                                  ("precision", "16-mixed", "loss scaler")])
+def test_trainer_settings_that_couple_members_send_the_runs_one_by_one(flag, value, reason):
+    """Norm clipping and float16's loss scaler act on all stacked parameters at once, so members would not be
+    their runs; bf16 and plain float32 leave each member's update its own."""
+    from benchmark.runner import _coupling
+
+    configs = [a for name in ("trainer/cpu", "model/vae", "data/digits_binary")
+               for a in ("--config", str(CONFIGS / f"{name}.yaml"))]
+    cli = build_cli([*configs, f"--trainer.{flag}", value], run=False, save_config_callback=None)
+    assert reason in _coupling(cli)
+    plain = build_cli([*configs, "--trainer.precision", "bf16-mixed"], run=False, save_config_callback=None)
+    assert _coupling(plain) is None
