@@ -39,16 +39,7 @@ def why_not_members(models: Sequence[LatentVariableModel]) -> str | None:
                     if k not in MEMBER_HPARAMS and m.hparams.get(k) != first.hparams.get(k))
     if differ:
         return f"the runs differ in {', '.join(dict.fromkeys(differ))} (members may differ in seed and weight only)"
-    hp = first.hparams
-    if hp.get("lr_plateau"):
-        return "lr_plateau cuts each run's rate on its own validation loss, and members share one optimizer"
-    if hp.get("compile"):
-        return "a compiled network is not mapped over members; set model.init_args.compile false"
-    if hp.get("decoder_reg") in ("gp", "sn"):
-        return (f"RAE's decoder_reg {hp['decoder_reg']} " + ("differentiates through the decoder inside the step"
-                if hp["decoder_reg"] == "gp" else "updates its power-iteration vectors in place") +
-                ", which vmap cannot map over members")
-    return None
+    return first.why_not_members()
 
 
 def rng_state() -> dict[str, Tensor]:

@@ -115,6 +115,14 @@ class LatentVariableModel(L.LightningModule):
         """A penalty on the decoder's smoothness (RAE's L_REG), already weighted. None by default."""
         return z.new_zeros(())
 
+    def why_not_members(self) -> str | None:
+        """Why runs of this model cannot train as one batched model (``benchmark.members``), or None."""
+        if self.hparams.get("lr_plateau"):
+            return "lr_plateau cuts each run's rate on its own validation loss, and members share one optimizer"
+        if self.hparams.get("compile"):
+            return "a compiled network is not mapped over members; set model.init_args.compile false"
+        return None
+
     # --- the model ------------------------------------------------------------------------------------
     def prior(self, like: Tensor, batch_shape=()) -> Distribution:
         return standard_normal(self.hparams.latent_dim, like, batch_shape)

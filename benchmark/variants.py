@@ -106,6 +106,13 @@ class RAE(LatentVariableModel):
     def regularizer(self, z, qz_x, x_out, noise=()):
         return 0.5 * z.pow(2).sum(-1).mean()
 
+    def why_not_members(self):
+        reason = {"gp": "differentiates through the decoder inside the step",
+                  "sn": "updates its power-iteration vectors in place"}.get(self.hparams.decoder_reg)
+        if reason:
+            return f"RAE's decoder_reg {self.hparams.decoder_reg} {reason}, which vmap cannot map over members"
+        return super().why_not_members()
+
     def decoder_regularizer(self, z, x_out):
         if self.hparams.decoder_reg != "gp" or not z.requires_grad:
             # l2 is weight decay, sn a reparametrisation; the gradient penalty needs autograd, so validation
