@@ -103,26 +103,51 @@ class Progress:
                    + (f"; {record['wandb_offline']}" if record.get("wandb_offline") else ""))
 
 
-def run_sequential(specs: list[RunSpec], progress: Progress):
-    """One run after another in this process. As in a worker, a run's own output (Lightning's lines, progress
-    bars, warnings, a failed run's traceback) goes to its log.txt, and the console keeps the study's lines."""
-    from benchmark.runner import train_and_evaluate
-
+def run_sequential(specs: list[RunSpec], progress: Progress, members: int | None = 1):
+    """One run after another in this process; with ``members`` other than 1, one group of runs after another,
+    each trained as members (``member_groups``; None: groups of any size). As in a worker, a run's own output
+    (Lightning's lines, progress bars, warnings, a failed run's traceback) goes to its log.txt, a group's to its
+    first run's, and the console keeps the study's lines."""
     with lightning_info_on_stdout():
-        for spec in specs:
-            log = spec.log_path
-            spec.run_dir.mkdir(parents=True, exist_ok=True)
-            progress.running = 1
-            progress.event(spec.name, f"started, output in {log}")
-            with _output_to(log):
-                record = train_and_evaluate(spec)
-            progress.running = 0
-            if record["status"] == "failed":
-                record = {**record, "reason": f"{record['reason']}; see {log}"}
-            progress.finish(spec.name, record)
+        for group in groups_of(specs, members):
+            log = group[0].log_path
+            group[0].run_dir.mkdir(parents=True, exist_ok=True)
+            progress.running = len(group)
+            progress.event(group[0].name, f"started{_more(group)}, output in {log}")
+            error = train_group(group)
+            for spec in group:
+                progress.running -= 1
+                _report(spec, error, progress, log)
+
+
+def train_group(group: list[RunSpec], run=None) -> str | None:
+    """Train and evaluate one run (with ``run``, default ``runner.train_and_evaluate``) or a group of members
+    (``runner.train_members_and_evaluate``), output in the first run's log.txt; the reason it raised, or None.
+    A bad config (UsageError) fails these runs only; the study goes on."""
+    from benchmark import runner
+
+    with _output_to(group[0].log_path):
+        try:
+            if len(group) == 1:
+                (run or runner.train_and_evaluate)(group[0])
+            else:
+                runner.train_members_and_evaluate(group)
+        except Exception as e:
+            traceback.print_exc()
+            return failure_reason(e)
+    return None
+
+
+def _more(group: list[RunSpec]) -> str:
+    return f" with {len(group) - 1} more as members" if len(group) > 1 else ""
 
 
 MEMBER_KEYS = ("seed_everything", "data.seed", "model.init_args.weight")  # what members may differ in
+
+
+def groups_of(specs: list[RunSpec], members: int | None) -> list[list[RunSpec]]:
+    """Each run alone (``members`` 1), or ``member_groups`` of at most ``members`` runs (None: no limit)."""
+    return [[spec] for spec in specs] if members == 1 else member_groups(specs, members)
 
 
 def member_groups(specs: list[RunSpec], size: int | None) -> list[list[RunSpec]]:
@@ -136,31 +161,6 @@ def member_groups(specs: list[RunSpec], size: int | None) -> list[list[RunSpec]]
         groups.setdefault(key, []).append(spec)
     size = size or len(specs)
     return [group[i: i + size] for group in groups.values() for i in range(0, len(group), size)]
-
-
-def run_members(specs: list[RunSpec], progress: Progress, size: int | None):
-    """Groups of runs as members (``runner.train_members_and_evaluate``), one group after another in this
-    process; each run's record as it would be alone. A group's output goes to its first run's log.txt."""
-    from benchmark.runner import train_members_and_evaluate
-
-    groups = member_groups(specs, size)
-    run_sequential([g[0] for g in groups if len(g) == 1], progress)  # nothing to pack: as without members
-    with lightning_info_on_stdout():
-        for group in [g for g in groups if len(g) > 1]:
-            log = group[0].log_path
-            group[0].run_dir.mkdir(parents=True, exist_ok=True)
-            progress.running = len(group)
-            progress.event(group[0].name, f"started with {len(group) - 1} more as members, output in {log}")
-            error = None
-            with _output_to(log):
-                try:
-                    train_members_and_evaluate(group)
-                except Exception as e:  # a bad config (UsageError) fails these runs only; the study goes on
-                    traceback.print_exc()
-                    error = failure_reason(e)
-            for spec in group:
-                progress.running -= 1
-                _report(spec, error, progress, log)
 
 
 def run_workers(specs: list[RunSpec], slots: list[str], progress: Progress, run=None, members: int | None = 1):
@@ -177,7 +177,7 @@ def run_workers(specs: list[RunSpec], slots: list[str], progress: Progress, run=
     if quiet not in sys.warnoptions:
         sys.warnoptions.append(quiet)
     threads = max(1, (os.cpu_count() or 1) // len(slots))  # the cores are shared by every slot
-    pending = [[spec] for spec in specs] if members == 1 else member_groups(specs, members)
+    pending = groups_of(specs, members)
     workers, running = {}, {}  # slot -> (process, pipe); slot -> the runs it trains
     try:
         while pending or running:
@@ -195,8 +195,7 @@ def run_workers(specs: list[RunSpec], slots: list[str], progress: Progress, run=
                     spec.run_dir.mkdir(parents=True, exist_ok=True)
                 workers[i][1].send([asdict(spec) for spec in group])
                 progress.running = sum(map(len, running.values()))
-                more = f" with {len(group) - 1} more as members" if len(group) > 1 else ""
-                progress.event(group[0].name, f"started on {'cpu' if slot == 'cpu' else 'cuda:' + slot}{more}")
+                progress.event(group[0].name, f"started on {'cpu' if slot == 'cpu' else 'cuda:' + slot}{_more(group)}")
             busy = [workers[i][1] for i in running] + [workers[i][0].sentinel for i in running]
             multiprocessing.connection.wait(busy)
             for i in list(running):
@@ -235,7 +234,9 @@ def _report(spec: RunSpec, error: str | None, progress: Progress, log: Path | No
     except ValueError:
         record = None
     if record is not None and (error is None or record.get("status") == "finished"):
-        progress.finish(spec.name, record)  # a member finished before its group's process failed
+        if record.get("status") == "failed":
+            record = {**record, "reason": f"{record['reason']}; see {log}"}
+        progress.finish(spec.name, record)  # or a member finished before its group's process failed
     else:  # the run raised before its record (a bad config) or its process died: nobody else records it
         from benchmark.runner import record_failure
 
@@ -251,22 +252,8 @@ def _slot_worker(slot: str, threads: int, pipe, run=None):
     if slot != "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = slot  # read when CUDA starts, which no import has done yet
     torch.set_num_threads(threads)
-    if run is None:
-        from benchmark.runner import train_and_evaluate as run
     while (group := pipe.recv()) is not None:
-        group = [RunSpec(**spec) for spec in group]
-        error = None
-        with _output_to(group[0].log_path):
-            try:
-                if len(group) == 1:
-                    run(group[0])
-                else:
-                    from benchmark.runner import train_members_and_evaluate
-
-                    train_members_and_evaluate(group)
-            except Exception as e:  # a bad config (UsageError) fails these runs only; the study goes on
-                traceback.print_exc()
-                error = failure_reason(e)
+        error = train_group([RunSpec(**spec) for spec in group], run)
         pipe.send(error)
 
 

@@ -67,25 +67,19 @@ def train_and_evaluate(spec: RunSpec) -> dict:
     previous = _finished(spec)
     if previous is not None:
         return previous
-    cli = build_cli(spec.cli_args(), run=False, save_config_callback=None)  # UsageError propagates: bad input stops the study
+    # a UsageError propagates: the caller fails the run (a study finds bad input before anything trains)
+    cli = build_cli(spec.cli_args(), run=False, save_config_callback=None)
     model, data = cli.model, cli.datamodule
     config = _config(cli)
     eval_cfg = EvaluationConfig(**{"seed": spec.seed, **spec.evaluation})
     check_extractor(eval_cfg)
     logger, offline = _logger(spec, config)
-    if offline:
-        print(offline, file=sys.stderr, flush=True)
     ckpt_dir = spec.run_dir / "checkpoints"
     counter = ImageCount()
 
     trainer = cli.instantiate_trainer(logger=logger, callbacks=run_callbacks(ckpt_dir, counter))
-    record = RunRecord.of(spec, config=config, code=code_version(), env=environment(), device=_device_name(trainer),
-                          wandb_offline=offline)
+    record = _start_record(spec, config, _device_name(trainer), offline, write=trainer.global_rank == 0)
     last = ckpt_dir / "last.ckpt"
-    spec.run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(spec.protocol_path, {"digest": spec.digest, "protocol": spec.protocol()})
-    if trainer.global_rank == 0:
-        write_record(spec.record_path, record)  # running: a leaderboard made meanwhile counts it apart
     continued = _continue_shorter_budget(spec, last)
     resumed = last.exists()
     try:
@@ -107,6 +101,20 @@ def train_and_evaluate(spec: RunSpec) -> dict:
     if trainer.global_rank == 0:
         _write(record, spec, model, data, eval_cfg, logger)
     return record.as_dict()
+
+
+def _start_record(spec: RunSpec, config: dict, device: str, offline: str | None, write: bool = True) -> RunRecord:
+    """The run's record as training starts, written as running (a leaderboard made meanwhile counts it apart)
+    unless ``write`` is false (a DDP rank other than 0), beside its protocol."""
+    if offline:
+        print(offline, file=sys.stderr, flush=True)
+    record = RunRecord.of(spec, config=config, code=code_version(), env=environment(), device=device,
+                          wandb_offline=offline)
+    spec.run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(spec.protocol_path, {"digest": spec.digest, "protocol": spec.protocol()})
+    if write:
+        write_record(spec.record_path, record)
+    return record
 
 
 def _evaluate_into(record: RunRecord, model, data, eval_cfg: EvaluationConfig, make_trainer, trainer):
@@ -188,16 +196,9 @@ def train_members_and_evaluate(specs: list[RunSpec]) -> list[dict]:
     device = _device_name(trainer)
     records, loggers = [], []
     for spec, cli, *_ in built:
-        spec.run_dir.mkdir(parents=True, exist_ok=True)
-        write_json(spec.protocol_path, {"digest": spec.digest, "protocol": spec.protocol()})
         config = _config(cli)
         logger, offline = _logger(spec, config)
-        if offline:
-            print(offline, file=sys.stderr, flush=True)
-        record = RunRecord.of(spec, config=config, code=code_version(), env=environment(), device=device,
-                              wandb_offline=offline)
-        write_record(spec.record_path, record)
-        records.append(record)
+        records.append(_start_record(spec, config, device, offline))
         loggers.append(logger)
     try:
         start = time.perf_counter()

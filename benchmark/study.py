@@ -40,7 +40,7 @@ from pathlib import Path
 import yaml
 
 from benchmark.errors import Interrupted, UsageError, failure_reason
-from benchmark.executors import Progress, parse_devices, run_members, run_sequential, run_submitit, run_workers
+from benchmark.executors import Progress, parse_devices, run_sequential, run_submitit, run_workers
 from benchmark.spec import EvaluationConfig, RunSpec, format_value
 from benchmark.tracking import offline_note
 from benchmark.tracking import resolve as resolve_wandb
@@ -425,10 +425,8 @@ def _run(study_path, results, work_dir, devices, per_device, executor, slurm, wa
             run_submitit(todo, "local" if executor == "submitit-local" else "slurm", work_dir, progress, slurm)
         elif slots and len(slots) > 1:
             run_workers(todo, slots, progress, members=group_size)
-        elif group_size != 1:
-            run_members(todo, progress, group_size)
         else:
-            run_sequential(todo, progress)
+            run_sequential(todo, progress, members=group_size)
     finally:
         signal.signal(signal.SIGINT, previous)
     from benchmark.leaderboard import write_leaderboard

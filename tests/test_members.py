@@ -8,7 +8,8 @@ import torch
 
 from benchmark.errors import UsageError
 from benchmark.lightning_cli import build_cli
-from benchmark.members import Members, rng_state, why_not_members
+from benchmark.members import Members, why_not_members
+from benchmark.perf.members_speed import build as build_run
 from helpers import CONFIGS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -18,16 +19,9 @@ MEMBER_VARIANTS = ["ae", "ae_moments", "wae_mmd", "swae", "aae", "rae", "mean_on
 
 
 def build(variant: str, seed: int, weight: float | None = None, data: str = "digits_binary", *extra: str):
-    """One run as the study builds it (trainer, model and data configs, the seed for the run and its split),
-    and its generator states at the start of training."""
-    args = ["--config", str(CONFIGS / "trainer" / "cpu.yaml"), "--config", str(CONFIGS / "model" / f"{variant}.yaml"),
-            "--config", str(CONFIGS / "data" / f"{data}.yaml"), "--seed_everything", str(seed),
-            "--data.seed", str(seed), "--model.init_args.hidden", "[32, 32]", "--model.init_args.latent_dim", "4",
-            *extra]
-    if weight is not None:
-        args += ["--model.init_args.weight", str(weight)]
-    cli = build_cli(args, run=False, save_config_callback=None)
-    return cli.model, cli.datamodule, rng_state()
+    """One run as the study builds it, with a small network, and its generator states at the start of training."""
+    return build_run(variant, seed, data, "--model.init_args.hidden", "[32, 32]", "--model.init_args.latent_dim", "4",
+                     *(["--model.init_args.weight", str(weight)] if weight is not None else []), *extra)
 
 
 def trainer(**kw) -> L.Trainer:

@@ -23,10 +23,12 @@ from benchmark.members import Members, rng_state
 from benchmark.perf.scaling import CONFIGS
 
 
-def build(variant: str, seed: int, data: str, accelerator: str, path: str | None = None):
+def build(variant: str, seed: int, data: str = "digits_binary", *extra: str):
+    """One run as a study builds it (the CPU trainer, the variant's and the data's configs, the seed of the run
+    and of its split, then ``extra`` arguments), and its generators' state where its fit would start."""
     args = ["--config", str(CONFIGS / "trainer" / "cpu.yaml"), "--config", str(CONFIGS / "model" / f"{variant}.yaml"),
             "--config", str(CONFIGS / "data" / f"{data}.yaml"), "--seed_everything", str(seed),
-            "--data.seed", str(seed), "--trainer.accelerator", accelerator, *(["--data.path", path] if path else [])]
+            "--data.seed", str(seed), *extra]
     cli = build_cli(args, run=False, save_config_callback=None)
     return cli.model, cli.datamodule, rng_state()
 
@@ -91,15 +93,15 @@ def main(argv=None):
         return study_walls(args)
     print("| variant | S | separate s | members s | members / separate | separate img/s | members img/s |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
+    extra = ["--trainer.accelerator", args.accelerator, *(["--data.path", args.data_path] if args.data_path else [])]
     for variant in args.variants.split(","):
         separate = 0.0
         for seed in range(args.members):
-            model, data, _ = build(variant, seed, args.data, args.accelerator, args.data_path)
+            model, data, _ = build(variant, seed, args.data, *extra)
             separate += timed_fit(model, args.epochs, args.accelerator, data)
         batch = data.hparams.batch_size
         images = args.members * args.epochs * (len(data.splits["train"]) // batch * batch)  # full batches only
-        members = Members(*zip(*(build(variant, seed, args.data, args.accelerator, args.data_path)
-                                 for seed in range(args.members))))
+        members = Members(*zip(*(build(variant, seed, args.data, *extra) for seed in range(args.members))))
         together = timed_fit(members, args.epochs, args.accelerator)
         print(f"| {variant} | {args.members} | {separate:.1f} | {together:.1f} | {together / separate:.2f} | "
               f"{images / separate:,.0f} | {images / together:,.0f} |", flush=True)
