@@ -128,6 +128,19 @@ def test_the_leaderboard_of_a_swept_study_shows_the_selection_the_tuned_and_untu
         "weight=1": -99.0, "weight=10": -97.333, "weight=100": -96.0}
 
 
+def test_the_budget_plot_leaves_the_floor_and_the_unregularised_model_off_its_scale():
+    """Values of the tuned binarised study at 10 epochs: no_info (the floor) and ae are tens of nats from the
+    rest, and on one axis the 4-nat spread of the others, which the plot is for, would be a line."""
+    from benchmark.leaderboard.plots import off_scale
+
+    nll = {"vae": [97.7], "swae": [99.3], "wae_mmd": [99.7], "ae_moments": [99.7], "aae": [100.4],
+           "vae_fullcov": [101.6], "ae": [154.9, 145.7], "no_info": [205.1]}
+    assert off_scale(nll) == {"ae", "no_info"}
+    assert off_scale({k: v for k, v in nll.items() if k not in ("ae", "no_info")}) == set()  # a spread, no outlier
+    assert off_scale({"vae": [97.7], "ae": [154.9], "no_info": [205.1]}) == set()  # too few to tell
+    assert off_scale({v: [1.0] for v in "abcd"}) == set()  # no spread at all
+
+
 @pytest.mark.parametrize("budget_rank_change", [False, True])
 def test_the_rankings_section_says_whether_the_order_changed_between_budgets(tmp_path, budget_rank_change):
     records = []

@@ -59,18 +59,45 @@ def plot_budgets(groups: Sequence[Group], path: str | Path) -> Path | None:
     colours = _colours(groups)
     tuned = {metric: name for _, metric, name in RANKINGS}
     swept = any(g.view for g in groups)
-    fig = Figure(figsize=(6 * len(series), 4.5), constrained_layout=True)
+    fig = Figure(figsize=(7.5 * len(series), 4.5), constrained_layout=True)
     for ax, ((study, dataset, metric), by_variant) in zip(fig.subplots(1, len(series), squeeze=False)[0],
                                                           series.items()):
-        for variant, pts in sorted(by_variant.items()):
+        means = {v: [st.mean for _, st in pts if math.isfinite(st.mean)] for v, pts in by_variant.items()}
+        far = off_scale({v: m for v, m in means.items() if m})
+        budgets = sorted({b for pts in by_variant.values() for b, _ in pts})
+        dodge = 0.01 * (budgets[-1] - budgets[0])  # side by side at each budget, so that the CI bars show
+        for i, (variant, pts) in enumerate(sorted(by_variant.items())):
             pts.sort(key=lambda p: p[0])
-            ax.errorbar([b for b, _ in pts], [st.mean for _, st in pts], yerr=[_errorbar(st) for _, st in pts],
-                        marker="o", capsize=3, label=variant, color=colours[variant])
+            label = variant + (f" (off scale: {', '.join(f'{m:.3g}' for m in means[variant])})"
+                               if variant in far else "")
+            shift = (i - (len(by_variant) - 1) / 2) * dodge
+            ax.errorbar([b + shift for b, _ in pts], [st.mean for _, st in pts],
+                        yerr=[_errorbar(st) for _, st in pts], marker="o", capsize=3, label=label,
+                        color=colours[variant])
+        kept = [(st.mean - _errorbar(st), st.mean + _errorbar(st)) for v, pts in by_variant.items() if v not in far
+                for _, st in pts if math.isfinite(st.mean)]
+        if far and kept:
+            low, high = min(lo for lo, _ in kept), max(hi for _, hi in kept)
+            ax.set_ylim(low - 0.08 * (high - low), high + 0.08 * (high - low))
         title = f"{study} / {dataset}" + (f"\n{tuned_view(tuned[metric])}" if swept else "")
         ax.set(title=title, xlabel="budget (epochs)", ylabel=f"{column_name(metric)}")
-        ax.set_xticks(sorted({b for pts in by_variant.values() for b, _ in pts}))
-        ax.legend(fontsize=7, ncol=2)
+        ax.set_xticks(budgets)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     return _save(fig, Path(path))
+
+
+def off_scale(means: dict[str, list[float]], k: float = 6.0) -> set[str]:
+    """The series that would squash the others into a line (the floor, an unregularised model): those whose
+    mean lies more than ``k`` median absolute deviations from the median of the series' means (6 MADs are
+    about 4 standard deviations of a normal spread). With fewer than four series, none."""
+    import statistics
+
+    centre = {v: statistics.fmean(m) for v, m in means.items()}
+    if len(centre) < 4:
+        return set()
+    median = statistics.median(centre.values())
+    mad = statistics.median(abs(c - median) for c in centre.values())
+    return {v for v, c in centre.items() if mad > 0 and abs(c - median) > k * mad}
 
 
 def plot_fid_vs_elbo(groups: Sequence[Group], path: str | Path) -> Path | None:
