@@ -105,6 +105,7 @@ def plot_fid_vs_elbo(groups: Sequence[Group], path: str | Path) -> Path | None:
     post-hoc one; in older records the encoder's, hollow where it is the ex-post one), one panel per (study,
     dataset), 95% CI bars. None if no group has both."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     panels = {}
     for key, table in tables_of(groups).items():
@@ -123,18 +124,30 @@ def plot_fid_vs_elbo(groups: Sequence[Group], path: str | Path) -> Path | None:
     markers = "osD^vP*Xhp<>"
     fig = Figure(figsize=(5.5 * len(panels) + 2.5, 4.5), constrained_layout=True)
     for ax, (key, (sample_key, pts)) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels.items()):
+        xy = {g.label: (g.stats[elbo_key], g.stats[sample_key]) for g, elbo_key in pts}
+        far = set().union(*(off_scale({label: [v[i].mean] for label, v in xy.items() if math.isfinite(v[i].mean)})
+                            for i in (0, 1)))
         for i, (g, elbo_key) in enumerate(pts):
-            x, y = g.stats[elbo_key], g.stats[sample_key]
+            x, y = xy[g.label]
             colour = colours[g.variant]
+            label = g.label + (f" (off scale: {x.mean:.4g}, {y.mean:.3g})" if g.label in far else "")
             ax.errorbar(x.mean, y.mean, xerr=_errorbar(x), yerr=_errorbar(y), fmt=markers[i % len(markers)],
-                        capsize=3, color=colour, mec=colour, ms=7, label=g.label,
+                        capsize=3, color=colour, mec=colour, ms=7, label=label,
                         mfc="none" if elbo_key == K.ELBO_EXPOST else colour)  # hollow: the ex-post ELBO
         posthoc = any(elbo_key == K.ELBO_POSTHOC for _, elbo_key in pts)
         xlabel = "ELBO of the post-hoc posterior (nats) →" if posthoc else \
             "ELBO (nats; the encoder's; hollow: ex-post) →"
-        ax.set(title=table_title(key), xlabel=xlabel, ylabel=f"{column_name(sample_key)} of prior samples")
-        ys = [g.stats[sample_key].mean for g, _ in pts]
-        if min(ys) > 0 and max(ys) >= 10 * min(ys):
+        ax.set(title=table_title(key).replace(" — ", "\n"), xlabel=xlabel,
+               ylabel=f"{column_name(sample_key)} of prior samples")
+        ax.xaxis.set_major_locator(MaxNLocator(6))
+        kept = [v for label, v in xy.items() if label not in far]
+        ys = [y.mean for _, y in kept]
+        if far and kept:  # the axes cover the rest: the floor and a collapsed model are named, off scale
+            for i, setter in ((0, ax.set_xlim), (1, ax.set_ylim)):
+                low = min(v[i].mean - _errorbar(v[i]) for v in kept)
+                high = max(v[i].mean + _errorbar(v[i]) for v in kept)
+                setter(low - 0.08 * (high - low), high + 0.08 * (high - low))
+        elif min(ys) > 0 and max(ys) >= 10 * min(ys):
             ax.set_yscale("log")  # a collapsed model's samples would squash the others into a corner
         ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
     return _save(fig, Path(path))
