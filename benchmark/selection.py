@@ -100,13 +100,24 @@ def is_swept(records: Sequence[dict]) -> bool:
     return len({setting_label(r) for r in records}) > 1
 
 
+def swept_studies(records: Iterable[dict]) -> set[str]:
+    """The studies of ``records`` that sweep a setting: those a selection is made for."""
+    labels: dict[str, set[str]] = {}
+    for r in records:
+        labels.setdefault(str(r.get("study")), set()).add(setting_label(r))
+    return {study for study, seen in labels.items() if len(seen) > 1}
+
+
 def views(records: Sequence[dict]) -> list[tuple[str | None, list[dict]]]:
-    """(view, records) pairs: the records as they are where no cell has two settings; otherwise one tuned
-    view per criterion (each cell's chosen setting) and the untuned one (configured settings). Each record
-    of a view is a copy that names it (``view``)."""
-    if not is_swept(records):
-        return [(None, list(records))]
-    out = []
+    """(view, records) pairs: the records of a study none of whose cells has two settings as they are (view
+    None); of a swept study, one tuned view per criterion (each cell's chosen setting) and the untuned one
+    (configured settings). Each record of a view is a copy that names it (``view``)."""
+    swept = swept_studies(records)
+    rest = [r for r in records if str(r.get("study")) not in swept]
+    records = [r for r in records if str(r.get("study")) in swept]
+    if not records:
+        return [(None, rest)]
+    out = [(None, rest)] if rest else []
     for name, criterion in CRITERIA.items():
         chosen = select(records, criterion)
         view = tuned_view(name)

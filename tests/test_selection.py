@@ -97,6 +97,9 @@ def test_views_are_the_chosen_settings_per_budget_and_the_configured_ones():
     assert {cell_of(r)[3] for r in by_view[UNTUNED]} == {"10", "30"}
     unswept = [r for r in records if r["variant"] == "vae"]
     assert views(unswept) == [(None, unswept)]  # nothing to choose: the records as they are
+    other = [{**r, "study": "other"} for r in unswept]  # an unswept study in the same folder keeps no view
+    by_view = dict(views(records + other))
+    assert by_view[None] == other and all(r["study"] == "s" for v, rs in by_view.items() if v for r in rs)
 
 
 def test_the_leaderboard_of_a_swept_study_shows_the_selection_the_tuned_and_untuned_tables_and_the_budgets(

@@ -19,7 +19,7 @@ from benchmark.leaderboard.render import (ALL_SETTINGS, beside_markdown, leaderb
                                           write_csv, write_paired_csv)
 from benchmark.leaderboard.tables import REFERENCE_VARIANT, PairedRow, aggregate, paired_differences
 from benchmark.records import atomic_write, load_records
-from benchmark.selection import is_swept, views
+from benchmark.selection import swept_studies, views
 
 
 def _records_of(root: Path, option: str = "RESULTS_DIR") -> list[dict]:
@@ -49,7 +49,8 @@ def write_leaderboard(results_dir: str | Path, references: str | Path | None = N
     selected = [r for _, rs in views(records) for r in rs]
     groups = aggregate(selected)
     paired = _paired_to(selected, reference_variant)
-    sweep = aggregate({**r, "view": ALL_SETTINGS} for r in records) if is_swept(records) else []
+    swept = swept_studies(records)
+    sweep = aggregate({**r, "view": ALL_SETTINGS} for r in records if str(r.get("study")) in swept)
     plots = write_plots(groups, root)
     write_csv(groups + sweep, root / "leaderboard.csv")
     write_paired_csv(paired, root / "leaderboard_paired.csv")
