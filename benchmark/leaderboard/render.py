@@ -230,8 +230,11 @@ def rankings_markdown(groups: Sequence[Group]) -> list[str]:
         if len(orders) < 2:
             continue
         columns = sorted(orders, key=lambda c: (budget_order(c[0]), c[1]))
-        variants = sorted({v for o in orders.values() for v in o},
-                          key=lambda v: min(o.index(v) if v in o else len(o) for o in orders.values()))
+
+        def place(v):  # rows in the order of the first column, then of the next where the first lacks a variant
+            return [orders[c].index(v) if v in orders[c] else len(orders[c]) for c in columns], v
+
+        variants = sorted({v for o in orders.values() for v in o}, key=place)
         lines += [f"### {study} / {dataset}: rank by {metric} {_arrow(metric)}", ""]
         header = [" ".join(x for x in (f"{b} epochs" if b is not None else "", w) if x) for b, w in columns]
         rows = [[v, *[str(orders[c].index(v) + 1) if v in orders[c] else "–" for c in columns]] for v in variants]
