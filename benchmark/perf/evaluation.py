@@ -8,6 +8,13 @@ does, into a scratch folder, and prints training seconds, evaluation seconds by 
 fit, FID reference, GMM fit, the test pass) and evaluation / training. Part 2 times each metric alone on the
 last trained model over the 10,000 test images: ELBO, IWAE at ``--iw-samples``, FID of prior samples with
 each extractor (Inception only with ``--inception``), the Gaussianity battery.
+
+With ``--profile CKPT`` it instead evaluates that run's checkpoint with the study's evaluation config under
+``cProfile``, and prints the seconds of the phases that dominate: torch-fidelity's KID and precision/recall,
+the importance-weighted likelihood, the post-hoc posterior's fit.
+
+    python -m benchmark.perf.evaluation --study configs/studies/question_mnist.yaml --threads 1 \
+        --profile runs/question_mnist/mnist_binary-vae-weight1-e10-s0/checkpoints/last.ckpt
 """
 
 from __future__ import annotations
@@ -132,6 +139,38 @@ def metric_timings(args, spec):
     clock(f"gaussianity ({args.max_codes} codes)", lambda: gaussianity(codes[: args.max_codes].cpu()))
 
 
+# (the end of a function's file path, its name) -> the phase it is, for --profile
+PROFILED = {("torch_fidelity/metric_kid.py", "kid_features_to_metric"): "KID (torch-fidelity)",
+            ("torch_fidelity/metric_prc.py", "prc_features_to_metric"): "precision/recall (torch-fidelity)",
+            ("benchmark/metrics/likelihood.py", "iw_log_weights"): "importance-weighted likelihood",
+            ("lightning/pytorch/trainer/trainer.py", "fit"): "post-hoc posterior fit"}
+
+
+def profile_checkpoint(args):
+    """Evaluate a checkpoint with the study's evaluation config under cProfile; print the dominant phases."""
+    import cProfile
+    import pstats
+
+    from benchmark.runner import evaluate_checkpoint
+    from benchmark.spec import EvaluationConfig
+
+    cfg = EvaluationConfig(**{"seed": 0, **load_study(args.study).get("evaluation", {})})
+    profiler = cProfile.Profile()
+    start = time.perf_counter()
+    profiler.enable()
+    evaluate_checkpoint(args.profile, cfg)
+    profiler.disable()
+    wall = time.perf_counter() - start
+    seconds = dict.fromkeys(PROFILED.values(), 0.0)
+    for (path, _, name), (_, _, _, cumulative, _) in pstats.Stats(profiler).stats.items():
+        for (end, function), phase in PROFILED.items():
+            if name == function and path.endswith(end):
+                seconds[phase] += cumulative
+    print("| phase | s | share |\n| --- | --- | --- |")
+    for phase, s in [*seconds.items(), ("everything else", wall - sum(seconds.values())), ("evaluation", wall)]:
+        print(f"| {phase} | {s:.1f} | {s / wall:.0%} |")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default=None, help="mnist.pkl.gz or torchvision folder (default: download)")
@@ -142,9 +181,15 @@ def main(argv=None):
     p.add_argument("--fid-samples", type=int, default=10_000)
     p.add_argument("--max-codes", type=int, default=10_000)
     p.add_argument("--inception", default=None, help="Inception weights file; times FID with Inception too")
+    p.add_argument("--profile", default=None, metavar="CKPT", help="profile the evaluation of this checkpoint")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (a study's worker slot has cores/slots)")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)"
     print(f"device: {device}; torch {torch.__version__}")
+    if args.profile:
+        return profile_checkpoint(args)
     with tempfile.TemporaryDirectory() as scratch:
         specs = study_runs(args, Path(scratch))
         metric_timings(args, specs[-1])
