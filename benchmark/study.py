@@ -304,7 +304,8 @@ def _finished(spec: RunSpec) -> bool:
 def check_runs(specs: list[RunSpec], results_dir: str, work_dir: str):
     """Every bad input of the runs to do, found before any of them trains: the folders are writable, and each
     distinct configuration (the seeds aside) parses, type-checks and builds its model, data and trainer (an
-    unknown class_path, a negative batch size, a missing data file). The first problem is raised, named by
+    unknown class_path, a negative batch size, a missing data file), and each distinct evaluation's feature
+    extractor is one that can be built (``evaluation.check_extractor``). The first problem is raised, named by
     its run."""
     for name, folder in (("--results", results_dir), ("--work-dir", work_dir)):
         _check_writable(name, Path(folder))
@@ -313,7 +314,16 @@ def check_runs(specs: list[RunSpec], results_dir: str, work_dir: str):
     import logging
     import warnings
 
+    from benchmark.evaluation import check_extractor
     from benchmark.lightning_cli import build_cli
+    from benchmark.spec import EvaluationConfig
+
+    evaluations = {json.dumps(spec.evaluation, sort_keys=True, default=str): spec for spec in specs}
+    for spec in evaluations.values():
+        try:
+            check_extractor(EvaluationConfig(**{"seed": spec.seed, **spec.evaluation}))
+        except UsageError as e:
+            raise UsageError(f"run {spec.name}: {e}") from None
 
     seen = set()
     quiet = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric")]
