@@ -157,9 +157,9 @@ def train_members_and_evaluate(specs: list[RunSpec]) -> list[dict]:
     The group checkpoints every epoch in its first run's folder (``checkpoints/members.ckpt``: the stacked
     weights, Adam's moments, each member's generator state), and a rerun of the same runs under the same
     protocols resumes from it. Each member's own checkpoint (``checkpoints/member.ckpt``) holds its model and data
-    hyperparameters and its weights, for ``latent-bench evaluate``. Members train each budget of a ladder from
-    the start (the same numbers as continuing the budget below) and log no training curves to W&B, only each
-    run's final summary."""
+    hyperparameters and its weights, for ``latent-bench evaluate``. A group of a budget ladder continues the
+    same group's final checkpoint at the budget below where there is one (``_continue_shorter_group``).
+    Members log no training curves to W&B, only each run's final summary."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from benchmark.lightning_cli import build_cli
@@ -186,10 +186,12 @@ def train_members_and_evaluate(specs: list[RunSpec]) -> list[dict]:
     group = {spec.name: spec.digest for spec in todo}  # the runs, each under its protocol
     resume = last.is_file() and group_file.is_file() and json.loads(group_file.read_text()) == group
     ckpt_dir.mkdir(parents=True, exist_ok=True)
+    continued = None
     if not resume:
         last.unlink(missing_ok=True)  # another group's, or another protocol's: never this group's start
+        continued = _continue_shorter_group(todo, last)
     write_json(group_file, group)
-    counter = ImageCount()  # one count a step: a step is one batch of every member
+    counter = ImageCount()  # S a step: a step is one stacked batch of every member
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="members", enable_version_counter=False)
     trainer = first.instantiate_trainer(logger=False, callbacks=[checkpoint, DivergenceGuard(), counter],
                                         enable_checkpointing=True)
@@ -202,7 +204,7 @@ def train_members_and_evaluate(specs: list[RunSpec]) -> list[dict]:
         loggers.append(logger)
     try:
         start = time.perf_counter()
-        trainer.fit(members, ckpt_path=str(last) if resume else None)
+        trainer.fit(members, ckpt_path=str(last) if resume or continued else None)
         train_s = time.perf_counter() - start
     except Diverged:
         print("a member diverged: the group's runs train one by one", file=sys.stderr, flush=True)
@@ -215,12 +217,13 @@ def train_members_and_evaluate(specs: list[RunSpec]) -> list[dict]:
             _write(record, spec, cli.model, cli.datamodule, eval_cfg, logger)
             done[spec.name] = record.as_dict()
         return [done[s.name] for s in specs]
-    images = counter.images * first.datamodule.hparams.batch_size * len(built)  # full batches: drop_last
+    # the counter counts a step's stacked batch as its S members; each is a full batch (drop_last)
+    images = counter.images * first.datamodule.hparams.batch_size
     for (spec, cli, eval_cfg, _), model, record, logger in zip(built, members.members(), records, loggers):
         data = cli.datamodule
         record.timings = {"train_s": train_s, "train_images_per_s": images / train_s if images else None,
-                          "epochs": trainer.current_epoch, "resumed": resume, "continued_from": None,
-                          "members": len(built)}
+                          "epochs": trainer.current_epoch, "resumed": resume or continued is not None,
+                          "continued_from": continued, "members": len(built)}
         _save_member(model, data, spec.run_dir / "checkpoints" / "member.ckpt", trainer)
         try:
             _evaluate_into(record, model, data, eval_cfg, _evaluation_trainer(cli), trainer)
@@ -307,6 +310,32 @@ def _continue_shorter_budget(spec: RunSpec, last: Path) -> Optional[str]:
     shutil.copyfile(shorter, last.with_suffix(".tmp"))
     os.replace(last.with_suffix(".tmp"), last)
     return spec.warm_start
+
+
+def _continue_shorter_group(specs: list[RunSpec], last: Path) -> Optional[str]:
+    """As ``_continue_shorter_budget`` for members: a group whose runs are, in order, the runs of a finished
+    group at the budget below starts from that group's final ``members.ckpt``, copied to ``last``; returns
+    that group's first run folder, or None where there is none (it trains from the start)."""
+    shorter = [spec.warm_start for spec in specs]
+    if None in shorter:
+        return None
+    folder = Path(shorter[0]) / "checkpoints"
+    saved, group = folder / "members.ckpt", folder / "members.json"
+    if not saved.is_file() or not group.is_file() or list(json.loads(group.read_text())) != \
+            [Path(w).name for w in shorter]:
+        return None
+    for spec, w in zip(specs, shorter):  # every run of that group finished: its checkpoint is final
+        record = spec.record_path.with_name(f"{Path(w).name}.json")
+        try:
+            if not record.is_file() or read_record(record).get("status") != FINISHED:
+                return None
+        except ValueError:
+            return None
+    import shutil
+
+    shutil.copyfile(saved, last.with_suffix(".tmp"))
+    os.replace(last.with_suffix(".tmp"), last)
+    return shorter[0]
 
 
 def _protocol(model, data, trainer, out) -> dict:

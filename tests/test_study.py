@@ -878,6 +878,29 @@ def test_a_budget_ladder_run_continues_the_shorter_one_to_the_numbers_of_a_run_t
     assert continued["validation"]["elbo_posthoc"] != continued["metrics"]["elbo_posthoc"]  # another split
 
 
+def test_members_of_a_budget_ladder_continue_the_group_below_to_the_numbers_of_a_group_trained_straight(tmp_path):
+    """With --members the 4-epoch group of two seeds starts from the 2-epoch group's final checkpoint, trains
+    only epochs 3 and 4, and ends where the same group trained 4 epochs in one go ends."""
+    overrides = {"trainer.limit_train_batches": 3, "trainer.enable_progress_bar": False}
+    ladder = swept_study(tmp_path, variants=["vae"], seeds=[0, 1], sweep={}, overrides=overrides,
+                         evaluation={**EVALUATION, "fid_samples": 50})
+    straight = {**ladder, "name": "straight", "budgets": [4]}
+    for study in (ladder, straight):
+        path = tmp_path / f"{study['name']}.yaml"
+        path.write_text(yaml.safe_dump({k: v for k, v in study.items() if k != "configs"} | {"configs": str(CONFIGS)}))
+        assert run_study(path, tmp_path / "results", tmp_path / "runs", "--wandb", "disabled", "--members", "auto") == 0
+    for seed in (0, 1):
+        continued = read_record(tmp_path / "results" / "runs" / "sw" / f"{DATASET}-vae-e4-s{seed}.json")
+        reference = read_record(tmp_path / "results" / "runs" / "straight" / f"{DATASET}-vae-e4-s{seed}.json")
+        assert continued["timings"]["members"] == reference["timings"]["members"] == 2
+        assert continued["timings"]["continued_from"].endswith(f"{DATASET}-vae-e2-s0")  # the group's first run
+        assert reference["timings"]["continued_from"] is None
+        images = continued["timings"]["train_images_per_s"] * continued["timings"]["train_s"]
+        assert images == pytest.approx(2 * 2 * 3 * BATCH_SIZE)  # 2 members, only epochs 3 and 4 trained
+        for key, value in reference["metrics"].items():
+            assert continued["metrics"][key] == pytest.approx(value, rel=1e-6, abs=1e-9, nan_ok=True), key
+
+
 @pytest.mark.parametrize("devices", [None, "2"], ids=["sequential", "workers"])
 def test_ctrl_c_prints_one_line_exits_130_and_the_rerun_resumes(tmp_path, devices):
     path = write_study(tmp_path, "stop", ["vae"], [0, 1], epochs=40, batches=5)
