@@ -71,7 +71,7 @@ def train_and_evaluate(spec: RunSpec) -> dict:
     cli = build_cli(spec.cli_args(), run=False, save_config_callback=None)
     model, data = cli.model, cli.datamodule
     config = _config(cli)
-    eval_cfg = EvaluationConfig(**{"seed": spec.seed, **spec.evaluation})
+    eval_cfg = spec.evaluation_config
     check_extractor(eval_cfg)
     logger, offline = _logger(spec, config)
     ckpt_dir = spec.run_dir / "checkpoints"
@@ -170,7 +170,7 @@ def train_members_and_evaluate(specs: list[RunSpec]) -> list[dict]:
     built = []
     for spec in todo:  # each run built as it would be alone, its generators' state taken where its fit would start
         cli = build_cli(spec.cli_args(), run=False, save_config_callback=None)
-        eval_cfg = EvaluationConfig(**{"seed": spec.seed, **spec.evaluation})
+        eval_cfg = spec.evaluation_config
         check_extractor(eval_cfg)
         built.append((spec, cli, eval_cfg, rng_state()))
     why = (why_not_members([cli.model for _, cli, *_ in built]) or _coupling(built[0][1])) if len(built) > 1 \
@@ -254,8 +254,12 @@ def _evaluation_trainer(cli):
 
 def _finished(spec: RunSpec) -> dict | None:
     """The run's finished record, or None (no record, another status, or a file that is not a record)."""
+    return _finished_record(spec.record_path)
+
+
+def _finished_record(path: Path) -> dict | None:
     try:
-        record = read_record(spec.record_path) if spec.record_path.exists() else None
+        record = read_record(path) if path.exists() else None
     except ValueError:  # not a run record (empty, hand-edited): rerun; write_record replaces it
         return None
     return record if record is not None and record.get("status") == FINISHED else None
@@ -304,12 +308,17 @@ def _continue_shorter_budget(spec: RunSpec, last: Path) -> Optional[str]:
     record = spec.record_path.with_name(f"{Path(spec.warm_start).name}.json")  # that run's checkpoint is final
     if not shorter.is_file() or not record.is_file():
         return None
+    _copy_checkpoint(shorter, last)
+    return spec.warm_start
+
+
+def _copy_checkpoint(source: Path, last: Path):
+    """``source`` copied to ``last`` whole or not at all (a copy killed midway leaves only a .tmp file)."""
     import shutil
 
     last.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(shorter, last.with_suffix(".tmp"))
+    shutil.copyfile(source, last.with_suffix(".tmp"))
     os.replace(last.with_suffix(".tmp"), last)
-    return spec.warm_start
 
 
 def _continue_shorter_group(specs: list[RunSpec], last: Path) -> Optional[str]:
@@ -324,17 +333,10 @@ def _continue_shorter_group(specs: list[RunSpec], last: Path) -> Optional[str]:
     if not saved.is_file() or not group.is_file() or list(json.loads(group.read_text())) != \
             [Path(w).name for w in shorter]:
         return None
-    for spec, w in zip(specs, shorter):  # every run of that group finished: its checkpoint is final
-        record = spec.record_path.with_name(f"{Path(w).name}.json")
-        try:
-            if not record.is_file() or read_record(record).get("status") != FINISHED:
-                return None
-        except ValueError:
-            return None
-    import shutil
-
-    shutil.copyfile(saved, last.with_suffix(".tmp"))
-    os.replace(last.with_suffix(".tmp"), last)
+    records = [spec.record_path.with_name(f"{Path(w).name}.json") for spec, w in zip(specs, shorter)]
+    if any(_finished_record(r) is None for r in records):  # every run of that group finished: it is final
+        return None
+    _copy_checkpoint(saved, last)
     return shorter[0]
 
 

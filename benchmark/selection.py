@@ -96,10 +96,6 @@ def select(records: Iterable[dict], criterion: str) -> dict[tuple, str]:
     return chosen
 
 
-def is_swept(records: Sequence[dict]) -> bool:
-    return len({setting_label(r) for r in records}) > 1
-
-
 def swept_studies(records: Iterable[dict]) -> set[str]:
     """The studies of ``records`` that sweep a setting: those a selection is made for."""
     labels: dict[str, set[str]] = {}
@@ -115,9 +111,9 @@ def views(records: Sequence[dict]) -> list[tuple[str | None, list[dict]]]:
     swept = swept_studies(records)
     rest = [r for r in records if str(r.get("study")) not in swept]
     records = [r for r in records if str(r.get("study")) in swept]
+    out = [(None, rest)] if rest or not records else []
     if not records:
-        return [(None, rest)]
-    out = [(None, rest)] if rest else []
+        return out
     for name, criterion in CRITERIA.items():
         chosen = select(records, criterion)
         view = tuned_view(name)

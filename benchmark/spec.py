@@ -57,6 +57,11 @@ class RunSpec:
         return self.run_dir / "protocol.json"
 
     @property
+    def evaluation_config(self) -> "EvaluationConfig":
+        """The run's evaluation settings, seeded by the run's seed."""
+        return EvaluationConfig(**{"seed": self.seed, **self.evaluation})
+
+    @property
     def log_path(self) -> Path:
         """Where the run's own output goes (Lightning's lines, progress bars, a failed run's traceback)."""
         return self.run_dir / "log.txt"

@@ -316,12 +316,11 @@ def check_runs(specs: list[RunSpec], results_dir: str, work_dir: str):
 
     from benchmark.evaluation import check_extractor
     from benchmark.lightning_cli import build_cli
-    from benchmark.spec import EvaluationConfig
 
     evaluations = {json.dumps(spec.evaluation, sort_keys=True, default=str): spec for spec in specs}
     for spec in evaluations.values():
         try:
-            check_extractor(EvaluationConfig(**{"seed": spec.seed, **spec.evaluation}))
+            check_extractor(spec.evaluation_config)
         except UsageError as e:
             raise UsageError(f"run {spec.name}: {e}") from None
 

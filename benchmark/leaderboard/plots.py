@@ -42,6 +42,13 @@ def _errorbar(stat: Stat) -> float:
     return 0.0 if math.isnan(stat.ci95) else stat.ci95
 
 
+def _limits(stats: Sequence[Stat]) -> tuple[float, float]:
+    """An axis range over every mean ± CI of ``stats``, with 8 % to spare at either end."""
+    low = min(st.mean - _errorbar(st) for st in stats)
+    high = max(st.mean + _errorbar(st) for st in stats)
+    return low - 0.08 * (high - low), high + 0.08 * (high - low)
+
+
 def plot_budgets(groups: Sequence[Group], path: str | Path) -> Path | None:
     """Each ranking metric against the budget, one line per variant (its tuned setting where the study
     sweeps), 95% CI bars; one row of panels per (study, dataset). None without two budgets."""
@@ -74,11 +81,9 @@ def plot_budgets(groups: Sequence[Group], path: str | Path) -> Path | None:
             ax.errorbar([b + shift for b, _ in pts], [st.mean for _, st in pts],
                         yerr=[_errorbar(st) for _, st in pts], marker="o", capsize=3, label=label,
                         color=colours[variant])
-        kept = [(st.mean - _errorbar(st), st.mean + _errorbar(st)) for v, pts in by_variant.items() if v not in far
-                for _, st in pts if math.isfinite(st.mean)]
+        kept = [st for v, pts in by_variant.items() if v not in far for _, st in pts if math.isfinite(st.mean)]
         if far and kept:
-            low, high = min(lo for lo, _ in kept), max(hi for _, hi in kept)
-            ax.set_ylim(low - 0.08 * (high - low), high + 0.08 * (high - low))
+            ax.set_ylim(*_limits(kept))
         title = f"{study} / {dataset}" + (f"\n{tuned_view(tuned[metric])}" if swept else "")
         ax.set(title=title, xlabel="budget (epochs)", ylabel=f"{column_name(metric)}")
         ax.set_xticks(budgets)
@@ -143,10 +148,8 @@ def plot_fid_vs_elbo(groups: Sequence[Group], path: str | Path) -> Path | None:
         kept = [v for label, v in xy.items() if label not in far]
         ys = [y.mean for _, y in kept]
         if far and kept:  # the axes cover the rest: the floor and a collapsed model are named, off scale
-            for i, setter in ((0, ax.set_xlim), (1, ax.set_ylim)):
-                low = min(v[i].mean - _errorbar(v[i]) for v in kept)
-                high = max(v[i].mean + _errorbar(v[i]) for v in kept)
-                setter(low - 0.08 * (high - low), high + 0.08 * (high - low))
+            ax.set_xlim(*_limits([x for x, _ in kept]))
+            ax.set_ylim(*_limits([y for _, y in kept]))
         elif min(ys) > 0 and max(ys) >= 10 * min(ys):
             ax.set_yscale("log")  # a collapsed model's samples would squash the others into a corner
         ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
