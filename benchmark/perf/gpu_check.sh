@@ -36,7 +36,8 @@ for opt in --compile "--precision bf16-mixed"; do
     --train-size 10000 --models vae-mlp $opt 2>&1 | grep -v -i "warn\|LOCAL_RANK\|available\|stopped\|tip" \
     | tee -a "$OUT/throughput_options.txt"
 done
-# 8 runs (seeds) of the MLP VAE on binarised MNIST as one batched model, against the same runs one by one
+# 8 runs (seeds) of the MLP VAE on binarised MNIST as one batched model, against the same runs one by one, and how
+# far each member ends from its run on the GPU (its generator, cuBLAS's batched rounding)
 timeout "${MEMBERS_TIMEOUT:-90}" python3 -m benchmark.perf.members_speed --data mnist_binary \
   --data-path .device/mnist.pkl.gz --accelerator gpu --variants vae --members 8 --epochs 1 2>&1 \
   | grep "^|" | tee "$OUT/members.txt"

@@ -5,8 +5,10 @@
 
 Each run is the quick study's (digits, dynamically binarised, the digits network; seeds 0..S-1), built as a
 study builds it; only ``Trainer.fit`` is timed, the same trainer for both (no logger, no checkpoints, no
-progress bar). Prints per variant the separate runs' wall, the members' wall, their ratio and the aggregate
-training images per second of each. With ``--study``: that study with seeds 0..S-1 run by ``latent-bench run``
+progress bar). Prints per variant the separate runs' wall, the members' wall, their ratio, the aggregate
+training images per second of each, and how far apart each member ends from its separate run (the largest
+parameter difference and the largest difference of the last epoch's training loss, over members): float
+rounding on the device, or a member that drew another run's noise. With ``--study``: that study with seeds 0..S-1 run by ``latent-bench run``
 with and without ``--members auto`` (evaluation included), the wall of each and the training and evaluation
 seconds its records hold.
 """
@@ -38,10 +40,11 @@ def trainer(epochs: int, accelerator: str) -> L.Trainer:
                      enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
 
 
-def timed_fit(module, epochs: int, accelerator: str, datamodule=None) -> float:
+def timed_fit(module, epochs: int, accelerator: str, datamodule=None) -> tuple[float, L.Trainer]:
+    fitting = trainer(epochs, accelerator)
     start = time.perf_counter()
-    trainer(epochs, accelerator).fit(module, datamodule=datamodule)
-    return time.perf_counter() - start
+    fitting.fit(module, datamodule=datamodule)
+    return time.perf_counter() - start, fitting
 
 
 def study_walls(args) -> None:
@@ -91,20 +94,26 @@ def main(argv=None):
         p.error("--members and --epochs must be positive integers")
     if args.study:
         return study_walls(args)
-    print("| variant | S | separate s | members s | members / separate | separate img/s | members img/s |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| variant | S | separate s | members s | members / separate | separate img/s | members img/s "
+          "| max abs param diff | max abs train loss diff |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     extra = ["--trainer.accelerator", args.accelerator, *(["--data.path", args.data_path] if args.data_path else [])]
     for variant in args.variants.split(","):
-        separate = 0.0
+        separate, runs = 0.0, []
         for seed in range(args.members):
             model, data, _ = build(variant, seed, args.data, *extra)
-            separate += timed_fit(model, args.epochs, args.accelerator, data)
+            seconds, fitted = timed_fit(model, args.epochs, args.accelerator, data)
+            separate += seconds
+            runs.append((model, fitted.callback_metrics["train/loss"].item()))
         batch = data.hparams.batch_size
         images = args.members * args.epochs * (len(data.splits["train"]) // batch * batch)  # full batches only
         members = Members(*zip(*(build(variant, seed, args.data, *extra) for seed in range(args.members))))
-        together = timed_fit(members, args.epochs, args.accelerator)
+        together, fitted = timed_fit(members, args.epochs, args.accelerator)
+        param_diff = max((p - q).abs().max().item() for (run, _), member in zip(runs, members.members())
+                         for p, q in zip(run.parameters(), member.parameters()))
+        loss_diff = max(abs(loss - fitted.callback_metrics[f"train/loss/{i}"].item()) for i, (_, loss) in enumerate(runs))
         print(f"| {variant} | {args.members} | {separate:.1f} | {together:.1f} | {together / separate:.2f} | "
-              f"{images / separate:,.0f} | {images / together:,.0f} |", flush=True)
+              f"{images / separate:,.0f} | {images / together:,.0f} | {param_diff:.1e} | {loss_diff:.1e} |", flush=True)
 
 
 if __name__ == "__main__":
