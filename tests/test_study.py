@@ -937,7 +937,12 @@ def test_ctrl_c_prints_one_line_exits_130_and_the_rerun_resumes(tmp_path, device
 def test_the_same_runs_give_the_records_of_the_code_before_its_reorganisation(tmp_path):
     """``tests/data/same_records_1528bdc.json`` holds the metrics of three tiny runs (a deterministic encoder, a
     diagonal and a full-covariance posterior) written by commit 1528bdc, before the stages became files and
-    reparametrisation a dispatch: this code gives the same keys and the same numbers."""
+    reparametrisation a dispatch: this code gives the same keys and the same numbers.
+
+    The same numbers to a relative 1e-4, not to machine precision: another CPU's kernels round differently, and
+    the p-values far in a tail amplify that (forcing SSE kernels here moved mardia_skew_p by 5.5e-6 and hz_p by
+    9e-7; a CI machine moved hz_p by 1.7e-6). Scaling a posterior's draw by 1.001 moves the VAE's worst metric
+    by 1.5e-2 and 11 of the 98 numbers by more than 1e-4, so the check still sees a 0.1 % change."""
     before = json.loads((REPO / "tests" / "data" / "same_records_1528bdc.json").read_text())
     path = tmp_path / "same_records.yaml"
     path.write_text(yaml.safe_dump({
@@ -952,4 +957,4 @@ def test_the_same_runs_give_the_records_of_the_code_before_its_reorganisation(tm
             new = after[name][part]
             assert set(new) == set(old[part]), (name, part, set(new) ^ set(old[part]))
             for key, value in old[part].items():
-                assert new[key] == pytest.approx(value, rel=1e-6, abs=1e-9, nan_ok=True), (name, part, key)
+                assert new[key] == pytest.approx(value, rel=1e-4, abs=1e-9, nan_ok=True), (name, part, key)
