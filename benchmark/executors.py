@@ -84,15 +84,27 @@ def parse_devices(devices: str | None) -> list[str] | None:
 
 
 class Progress:
-    """One line per event: runs done / running / failed, what just happened."""
+    """One line per event: runs done / running / failed, what just happened, and once a run has finished here,
+    the time left at this invocation's rate (runs already finished before it, the skipped ones, do not count)."""
 
     def __init__(self, total: int):
         self.total, self.done, self.failed, self.running, self.skipped = total, 0, 0, 0, 0
         self.start = time.perf_counter()
 
     def event(self, name: str, what: str):
-        print(f"[{time.perf_counter() - self.start:7.1f}s | done {self.done}/{self.total} running {self.running} "
-              f"failed {self.failed} skipped {self.skipped}] {name}: {what}", flush=True)
+        elapsed = time.perf_counter() - self.start
+        print(f"[{elapsed:7.1f}s | done {self.done}/{self.total} running {self.running} "
+              f"failed {self.failed} skipped {self.skipped}{self.left(elapsed)}] {name}: {what}", flush=True)
+
+    def left(self, elapsed: float) -> str:
+        """' | ~N min left': the runs to go at the rate of those finished in ``elapsed`` seconds; '' before the
+        first or after the last. The rate is wall time per finished run, so runs side by side shorten it."""
+        ran, to_go = self.done - self.skipped, self.total - self.done
+        if ran <= 0 or to_go <= 0:
+            return ""
+        seconds = to_go * elapsed / ran
+        return f" | ~{seconds:.0f} s left" if seconds < 90 else (
+            f" | ~{seconds / 60:.0f} min left" if seconds < 5400 else f" | ~{seconds / 3600:.1f} h left")
 
     def finish(self, name: str, record: dict):
         self.done += 1

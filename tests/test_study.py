@@ -415,6 +415,27 @@ def test_workers_are_reused_across_runs_and_a_dead_worker_fails_only_its_run(tmp
     assert progress.done == 5 and progress.failed == 1
 
 
+def test_progress_estimates_the_time_left_from_the_runs_finished_in_this_invocation(monkeypatch, capsys):
+    clock = iter([0.0, 10.0, 610.0, 1210.0])
+    monkeypatch.setattr(executors.time, "perf_counter", lambda: next(clock))
+    progress = executors.Progress(10)  # t = 0
+    progress.skipped = progress.done = 4  # finished before this invocation: no rate from them
+    progress.event("s", "started")  # t = 10
+    progress.finish("r", {"status": "finished"})  # t = 610: 1 run in 610 s, 5 to go
+    progress.finish("r", {"status": "finished"})  # t = 1210: 2 runs in 1210 s, 4 to go
+    lines = capsys.readouterr().out.splitlines()
+    assert "left" not in lines[0], lines[0]
+    assert "| ~51 min left]" in lines[1], lines[1]  # 5 x 610 s
+    assert "| ~40 min left]" in lines[2], lines[2]  # 4 x 605 s
+    progress.done = 5  # 1 run finished here, 5 to go
+    assert progress.left(4000) == " | ~5.6 h left"
+    progress.done = 9  # 5 finished here, 1 to go
+    assert progress.left(5000) == " | ~17 min left"
+    assert progress.left(50) == " | ~10 s left"
+    progress.done = 10
+    assert progress.left(50) == "", "nothing is left once every run is done"
+
+
 def test_submitit_local_executor_runs_the_study_and_writes_records(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)  # relative results/ and runs/, as the CLI's defaults: the jobs must agree
     monkeypatch.setenv("PYTHONPATH", str(REPO))
