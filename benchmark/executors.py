@@ -103,8 +103,11 @@ class Progress:
         if ran <= 0 or to_go <= 0:
             return ""
         seconds = to_go * elapsed / ran
-        return f" | ~{seconds:.0f} s left" if seconds < 90 else (
-            f" | ~{seconds / 60:.0f} min left" if seconds < 5400 else f" | ~{seconds / 3600:.1f} h left")
+        if seconds < 90:
+            return f" | ~{seconds:.0f} s left"
+        if seconds < 5400:
+            return f" | ~{seconds / 60:.0f} min left"
+        return f" | ~{seconds / 3600:.1f} h left"
 
     def finish(self, name: str, record: dict):
         self.done += 1
