@@ -150,6 +150,8 @@ def select(study: dict, **subsets: str | None) -> dict:
         missing = [v for v in names if v not in known]
         if missing or not names:
             raise UsageError(f"--{key} {chosen}: {', '.join(missing) or 'nothing'} not in the study's {key} {known}")
+        if key == "budgets":  # a longer budget run on its own still continues the one below it
+            study.setdefault("ladder", study["budgets"])
         study[key] = [v for v in study[key] if str(v) in names]
     return study
 
@@ -193,6 +195,7 @@ def expand(study: dict, results_dir="results", work_dir="runs", wandb="offline",
     EvaluationConfig(**evaluation)  # its values are checked here, before any run trains
     overrides = overrides or {}
     budgets = study.get("budgets") or [None]
+    ladder = study.get("ladder", budgets)  # the study's budgets, also those a --budgets selection left out
     if budgets != [None] and BUDGET_KEY in overrides:
         raise UsageError(f"--set {BUDGET_KEY} on a study with budgets {budgets}: choose budgets with "
                          f"--budgets, or drop the study's 'budgets'")
@@ -218,11 +221,12 @@ def expand(study: dict, results_dir="results", work_dir="runs", wandb="offline",
                              DATA_SEED in run_overrides or _sets_data_seed(files)))
     specs = []
     for seed in study["seeds"]:
-        for i, budget in enumerate(budgets):
+        for budget in budgets:
+            below = ladder[ladder.index(budget) - 1] if budget and ladder.index(budget) else None
             for dataset, variant, files, run_overrides, setting, default, data_seed_set in grid:
                 parts = [dataset, variant, *(f"{k.rsplit('.', 1)[-1]}{format_value(v)}" for k, v in setting.items())]
                 name = "-".join(parts + ([f"e{budget}"] if budget else []) + [f"s{seed}"])
-                shorter = "-".join(parts + [f"e{budgets[i - 1]}", f"s{seed}"]) if i else None
+                shorter = "-".join(parts + [f"e{below}", f"s{seed}"]) if below else None
                 run = {**({} if data_seed_set else {DATA_SEED: int(seed)}), **run_overrides,
                        **({BUDGET_KEY: budget} if budget else {})}
                 specs.append(RunSpec(

@@ -819,6 +819,17 @@ def test_a_sweep_and_budgets_expand_into_named_runs_seed_then_budget_with_the_co
     assert by_name[f"{DATASET}-vae-e2-s0"].setting == {} and by_name[f"{DATASET}-vae-e2-s0"].default_setting
 
 
+def test_the_longer_budget_run_on_its_own_still_continues_the_shorter_one(tmp_path):
+    """``--budgets 4`` after ``--budgets 2``: the 4-epoch runs start from the 2-epoch checkpoints."""
+    specs = study_mod.expand(study_mod.select(swept_study(tmp_path), budgets="4"), tmp_path / "r", tmp_path / "w",
+                             "disabled")
+    assert {s.budget for s in specs} == {4}
+    assert all(s.warm_start == str(tmp_path / "w" / "sw" / s.name.replace("-e4-", "-e2-")) for s in specs)
+    shortest = study_mod.expand(study_mod.select(swept_study(tmp_path), budgets="2"), tmp_path / "r", tmp_path / "w",
+                                "disabled")
+    assert {s.budget for s in shortest} == {2} and all(s.warm_start is None for s in shortest)
+
+
 @pytest.mark.parametrize("fields,overrides,message", [
     ({"sweep": {"wae_mmd": {"model.init_args.weight": [1, 100]}}}, {}, "leaves out the configured value 10.0"),
     ({"sweep": {"swae": {"model.init_args.weight": [1]}}}, {}, "sweep of 'swae', which is not among"),
