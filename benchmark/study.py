@@ -196,6 +196,7 @@ def expand(study: dict, results_dir="results", work_dir="runs", wandb="offline",
     overrides = overrides or {}
     budgets = study.get("budgets") or [None]
     ladder = study.get("ladder", budgets)  # the study's budgets, also those a --budgets selection left out
+    below = dict(zip(ladder[1:], ladder))  # each budget's next-shorter one, whose checkpoint it continues
     if budgets != [None] and BUDGET_KEY in overrides:
         raise UsageError(f"--set {BUDGET_KEY} on a study with budgets {budgets}: choose budgets with "
                          f"--budgets, or drop the study's 'budgets'")
@@ -222,11 +223,10 @@ def expand(study: dict, results_dir="results", work_dir="runs", wandb="offline",
     specs = []
     for seed in study["seeds"]:
         for budget in budgets:
-            below = ladder[ladder.index(budget) - 1] if budget and ladder.index(budget) else None
             for dataset, variant, files, run_overrides, setting, default, data_seed_set in grid:
                 parts = [dataset, variant, *(f"{k.rsplit('.', 1)[-1]}{format_value(v)}" for k, v in setting.items())]
                 name = "-".join(parts + ([f"e{budget}"] if budget else []) + [f"s{seed}"])
-                shorter = "-".join(parts + [f"e{below}", f"s{seed}"]) if below else None
+                shorter = "-".join(parts + [f"e{below[budget]}", f"s{seed}"]) if budget in below else None
                 run = {**({} if data_seed_set else {DATA_SEED: int(seed)}), **run_overrides,
                        **({BUDGET_KEY: budget} if budget else {})}
                 specs.append(RunSpec(
